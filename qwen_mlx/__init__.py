@@ -7,17 +7,8 @@
 
 from . import _blas  # noqa: F401  (must come before the first `import mlx.core`)
 
+from .generation import GenerationResponse, generate, stream_generate  # noqa: E402
+from .loader import load  # noqa: E402
+
 __version__ = "0.1.0"
 __all__ = ["load", "generate", "stream_generate", "GenerationResponse"]
-
-
-def __getattr__(name):  # lazy, so that `import qwen_mlx.fetch` stays light
-    if name == "load":
-        from .loader import load
-
-        return load
-    if name in ("generate", "stream_generate", "GenerationResponse"):
-        from . import generate as g
-
-        return getattr(g, name)
-    raise AttributeError(f"module 'qwen_mlx' has no attribute {name!r}")

@@ -1,0 +1,159 @@
+"""The command line: `python -m qwen_mlx.generate --prompt "Write quicksort in Python"`.
+
+Applies the model's chat template (unless --ignore-chat-template), streams the
+answer to stdout and the speed/memory stats to stderr; `--chat` is a multi-turn
+session that keeps its KV cache between turns. Errors are one line, exit code 1
+(2 for bad flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional
+
+from . import _blas
+import mlx.core as mx
+
+from .generation import GenerationResponse, stream_generate
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line, not the usage block
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m qwen_mlx.generate", description="Generate text with a Qwen2.5 model on MLX.")
+    p.add_argument("--model", help="GGUF file or converted model directory (default: Qwen2.5-Coder-0.5B-Instruct "
+                   "Q4_K_M, downloaded on first use)")
+    p.add_argument("--prompt", "-p", default=None, help="prompt text ('-' reads stdin)")
+    p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--max-tokens", "-m", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as is")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (keeps the KV cache)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print the formatted prompt and load details")
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.max_tokens < 1:
+        p.error("--max-tokens must be at least 1")
+    if a.temp < 0:
+        p.error("--temp must be >= 0")
+    if not 0.0 < a.top_p <= 1.0:
+        p.error("--top-p must be in (0, 1]")
+    if a.top_k < 0:
+        p.error("--top-k must be >= 0")
+    if not 0.0 <= a.min_p < 1.0:
+        p.error("--min-p must be in [0, 1)")
+    if a.repetition_penalty is not None and a.repetition_penalty <= 0:
+        p.error("--repetition-penalty must be > 0")
+    if a.chat and a.prompt is not None:
+        p.error("--chat and --prompt are exclusive")
+
+
+def _sampling(a) -> dict:
+    return dict(temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                repetition_penalty=a.repetition_penalty, stop=a.stop)
+
+
+def _format(tokenizer, messages: list, ignore_template: bool) -> list[int]:
+    if ignore_template or not tokenizer.has_chat_template:
+        return tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def _stats(r: GenerationResponse, model_desc: str) -> str:
+    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | generation: {r.generation_tokens} "
+            f"tokens, {r.generation_tps:.1f} tok/s | peak memory: {r.peak_memory:.2f} GB | {model_desc}")
+
+
+def _run_turn(model, tokenizer, ids, a, cache, desc) -> tuple[str, list[int]]:
+    text, out, last = "", [], None
+    for r in stream_generate(model, tokenizer, ids, max_tokens=a.max_tokens, cache=cache, **_sampling(a)):
+        print(r.text, end="", flush=True)
+        text, last = text + r.text, r
+        out.append(r.token)
+    print(flush=True)
+    if last is not None:
+        print(_stats(last, desc), file=sys.stderr)
+    return text, out
+
+
+def _chat(model, tokenizer, a, desc) -> None:
+    """Multi-turn chat. The KV cache holds the conversation so far; each turn the
+    whole conversation is re-rendered and only the tokens past the longest
+    common prefix with what the cache holds are fed (the cache is trimmed back
+    where the re-rendered text tokenizes differently)."""
+    cache, cached = model.make_cache(), []
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print("qwen-mlx chat: empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input(">>> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        ids = _format(tokenizer, messages, a.ignore_chat_template)
+        common = next((i for i, (x, y) in enumerate(zip(cached, ids)) if x != y), min(len(cached), len(ids)))
+        common = min(common, len(ids) - 1)  # feed at least one token
+        for c in cache:
+            c.trim(c.offset - common)
+        try:
+            reply, out = _run_turn(model, tokenizer, ids[common:], a, cache, desc)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            messages.pop()
+            continue
+        cached = ids + out[:-1]  # the last sampled token was never fed to the model
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv: Optional[list] = None) -> None:
+    p = build_parser()
+    a = p.parse_args(argv)
+    _check_args(p, a)
+    from .loader import load
+
+    try:
+        if a.prompt == "-":
+            a.prompt = sys.stdin.read()
+        tic = time.perf_counter()
+        model, tokenizer = load(a.model, dtype=a.dtype)
+        dtype = model.model.embed_tokens.weight.dtype
+        device = mx.default_device()
+        desc = f"{str(dtype).split('.')[-1]} on {device}" + (f", BLAS: {_blas.blas_name()}" if device == mx.cpu else "")
+        if a.verbose:
+            print(f"loaded {a.model or 'the default model'} in {time.perf_counter() - tic:.1f} s ({desc})", file=sys.stderr)
+        if a.chat:
+            return _chat(model, tokenizer, a, desc)
+        if a.prompt is None:
+            a.prompt = "Write a Python function that checks whether a number is prime."
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+            {"role": "user", "content": a.prompt}]
+        ids = _format(tokenizer, messages, a.ignore_chat_template)
+        if a.verbose:
+            print(tokenizer.decode(ids), file=sys.stderr)
+        _run_turn(model, tokenizer, ids, a, None, desc)
+    except (ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

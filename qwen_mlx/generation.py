@@ -1,0 +1,175 @@
+"""Text generation: `generate_step` (tokens) and `stream_generate` / `generate` (text).
+
+The decode loop keeps one step in flight: while the host hands token t to the
+caller, the GPU already computes token t+1 (`mx.async_eval`). Sampling and the
+repetition penalty are mlx-lm's (`make_sampler`, `make_logits_processors`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Generator, List, Optional, Sequence, Union
+
+from . import _blas  # noqa: F401  (before mlx.core)
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text segment (may be empty while a multi-byte character is incomplete)
+    token: int
+    logprob: float  # log-probability of `token` under the (processed) model distribution
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: Optional[str] = None  # "stop" (EOS or stop string), "length", or None while going
+    top_logprobs: Optional[list] = None  # [(token, logprob)] of the k most likely, when asked for
+
+
+def generate_step(
+    prompt: mx.array,
+    model,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable]] = None,
+    cache: Optional[list] = None,
+    prefill_step_size: int = 512,
+) -> Generator[tuple[int, mx.array], None, None]:
+    """Yield (token, logprobs) for up to `max_tokens` new tokens after the 1-D `prompt`.
+
+    The prompt is prefilled in chunks of `prefill_step_size`; `cache` (from
+    `model.make_cache()`) may already hold earlier tokens and is extended.
+    """
+    sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
+    cache = cache if cache is not None else model.make_cache()
+    tokens = prompt if logits_processors else None
+
+    def step(y):
+        nonlocal tokens
+        logits = model(y[None], cache=cache)[:, -1, :]
+        if logits_processors:
+            for proc in logits_processors:
+                logits = proc(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        t = sampler(logprobs)
+        if logits_processors:
+            tokens = mx.concatenate([tokens, t])
+        return t, logprobs.squeeze(0)
+
+    y = prompt
+    while y.size > prefill_step_size:
+        model(y[:prefill_step_size][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        y = y[prefill_step_size:]
+        mx.clear_cache()
+    y, logprobs = step(y)
+    mx.async_eval(y, logprobs)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            next_y, next_logprobs = step(y)
+            mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        if n + 1 < max_tokens:
+            y, logprobs = next_y, next_logprobs
+
+
+def _context_length(model) -> int:
+    return model.args.max_position_embeddings
+
+
+def encode_prompt(tokenizer, prompt: Union[str, Sequence[int]]) -> list[int]:
+    return [int(t) for t in prompt] if not isinstance(prompt, str) else tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, Sequence[int]],
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: Optional[float] = None,
+    seed: Optional[int] = None,
+    stop: Sequence[str] = (),
+    cache: Optional[list] = None,
+    top_logprobs: int = 0,
+    prefill_step_size: int = 512,
+) -> Generator[GenerationResponse, None, None]:
+    """Stream the continuation of `prompt` (a string, used as is, or token ids).
+
+    Greedy when temperature is 0. Stops at the model's EOS tokens, at any of the
+    `stop` strings (which are not included in the text), at `max_tokens`, or at
+    the model's context length. Pass `cache=model.make_cache()` to keep the KV
+    cache across calls (the prompt is then only the new tokens).
+    """
+    ids = encode_prompt(tokenizer, prompt)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    used = (cache[0].offset if cache else 0) + len(ids)
+    limit = _context_length(model)
+    if used > limit:
+        raise ValueError(f"the prompt has {used} tokens, over the model's context of {limit} tokens")
+    max_tokens = min(max_tokens, limit - used)
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temperature, top_p=0.0 if top_p >= 1.0 else top_p, min_p=min_p, top_k=top_k)
+    processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
+    detok = tokenizer.detokenizer
+    detok.reset()
+    eos = set(tokenizer.eos_token_ids)
+    held = ""  # text held back because it may be the start of a stop string
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_tps, n = 0.0, 0
+
+    def response(text, token, logprobs, finish):
+        gen_time = time.perf_counter() - tic
+        top = None
+        if top_logprobs:
+            idx = mx.argpartition(-logprobs, top_logprobs - 1)[:top_logprobs]
+            top = sorted(zip(idx.tolist(), logprobs[idx].tolist()), key=lambda t: -t[1])
+        return GenerationResponse(text, token, logprobs[token].item(), len(ids), prompt_tps, n,
+                                  n / gen_time if gen_time > 0 else 0.0, mx.get_peak_memory() / 1e9, finish, top)
+
+    gen = generate_step(mx.array(ids, mx.uint32), model, max_tokens=max_tokens, sampler=sampler,
+                        logits_processors=processors, cache=cache, prefill_step_size=prefill_step_size)
+    for token, logprobs in gen:
+        if n == 0:
+            prompt_tps = len(ids) / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        n += 1
+        if token in eos:
+            yield response(held, token, logprobs, "stop")
+            return
+        detok.add_token(token)
+        held += detok.last_segment
+        hit = min((i for i in (held.find(s) for s in stop if s) if i >= 0), default=-1)
+        if hit >= 0:
+            yield response(held[:hit], token, logprobs, "stop")
+            return
+        # emit all but the longest tail that could still grow into a stop string
+        keep = max((k for s in stop for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        text, held = held[: len(held) - keep], held[len(held) - keep:]
+        yield response(text, token, logprobs, "length" if n == max_tokens else None)
+    detok.finalize()
+    if rest := held + detok.last_segment:
+        yield response(rest, token, logprobs, "length")
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """The whole continuation as a string (kwargs as for `stream_generate`)."""
+    text = ""
+    for r in stream_generate(model, tokenizer, prompt, **kwargs):
+        text += r.text
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose:
+        print()
+    return text

@@ -1,0 +1,94 @@
+"""`load(path)`: a GGUF file or a converted MLX model directory -> (model, tokenizer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .model import Model, ModelArgs
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def default_dtype() -> mx.Dtype:
+    """float32 on a CPU (MLX's fast CPU dtype), bfloat16 on a GPU (Qwen2.5's training dtype)."""
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+def resolve_dtype(dtype: Union[None, str, mx.Dtype]) -> mx.Dtype:
+    if dtype is None:
+        return default_dtype()
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+        return DTYPES[dtype]
+    return dtype
+
+
+def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] = None):
+    """Load a Qwen2 model and its tokenizer.
+
+    path: a `.gguf` file, or a directory written by `python -m qwen_mlx.convert`
+    (mlx-lm's layout). None means the default model (fetched on first use).
+    dtype: "float32" | "float16" | "bfloat16"; None picks `default_dtype()`.
+    Returns (model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper
+    around a transformers tokenizer (encode / decode / apply_chat_template).
+    """
+    if path is None:
+        from .fetch import default_model_path
+
+        path = default_model_path()
+    path = Path(path)
+    dtype = resolve_dtype(dtype)
+    if path.is_dir():
+        config, weights, tokenizer = _read_directory(path)
+    else:
+        from .gguf import gguf_config, gguf_weights, open_gguf
+        from .tokenizer import load_tokenizer
+
+        reader = open_gguf(path)
+        config = gguf_config(reader, path)
+        tokenizer = load_tokenizer(reader)
+        weights = gguf_weights(reader, dtype, path)
+    model = build_model(config, weights, dtype)
+    return model, tokenizer
+
+
+def build_model(config: dict, weights: dict, dtype: mx.Dtype) -> Model:
+    """Instantiate `Model` from an HF-style config and checkpoint-named weights."""
+    model = Model(ModelArgs.from_dict(config))
+    weights = model.sanitize(dict(weights))
+    if q := config.get("quantization"):
+        def quantized(path, module):
+            if f"{path}.scales" not in weights:
+                return False
+            return q.get(path, True)
+
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=quantized)
+    weights = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def _read_directory(path: Path):
+    from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "qwen2":
+        raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, not 'qwen2'")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights")
+    weights = {}
+    for f in files:
+        weights.update(mx.load(str(f)))
+    eos = config.get("eos_token_id")
+    return config, weights, load_mlx_lm_tokenizer(path, eos_token_ids=eos if isinstance(eos, list) else None)

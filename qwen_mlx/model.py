@@ -1,0 +1,167 @@
+"""Qwen2 / Qwen2.5 as mlx.nn modules: one flat file, every size from 0.5B to 72B.
+
+The architecture: token embedding -> N x [RMSNorm -> grouped-query attention
+(q/k/v biases, NeoX RoPE, base 1e6, optional YaRN) -> residual add -> RMSNorm ->
+SwiGLU MLP -> residual add] -> RMSNorm -> output projection (tied to the
+embedding or not).
+
+Two choices shape the code:
+- q/k/v and gate/up are fused projections (`qkv_proj`, `gate_up_proj`): one
+  matmul each instead of three and two. `Model.sanitize` concatenates the
+  separate checkpoint weights (mlx-lm / Hugging Face names) at load time.
+- The hot elementwise work goes through `metal_kernels` (`K.*`): fused
+  add+RMSNorm, bias+RoPE+head-split after the q/k/v matmul, SwiGLU. Each op
+  there is a hand-written Metal kernel on the GPU and plain MLX elsewhere.
+  To fuse each residual add with the norm after it, a block carries the
+  residual stream as a pair (h, r) whose sum is the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.rope_utils import initialize_rope
+
+import metal_kernels as K
+
+
+@dataclass
+class ModelArgs:
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    rope_scaling: Optional[dict] = None
+    tie_word_embeddings: bool = True
+    model_type: str = "qwen2"
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.scale = d**-0.5
+        self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * d, bias=False)
+        self.qkv_bias = mx.zeros(((self.n_heads + 2 * self.n_kv_heads) * d,))
+        self.o_proj = nn.Linear(self.n_heads * d, args.hidden_size, bias=False)
+        rope = initialize_rope(d, args.rope_theta, False, args.rope_scaling, args.max_position_embeddings)
+        # What K.qkv_post needs to reproduce `rope`: the base, or YaRN's frequencies and input scale.
+        if not isinstance(rope, nn.RoPE) and not hasattr(rope, "_freqs"):
+            raise ValueError(f"unsupported rope_scaling {args.rope_scaling}")
+        self._rope = {"base": getattr(rope, "base", None), "freqs": getattr(rope, "_freqs", None),
+                      "mscale": getattr(rope, "mscale", 1.0)}
+        if isinstance(rope, nn.RoPE) and rope.scale != 1.0:
+            raise ValueError(f"unsupported rope_scaling {args.rope_scaling} (linear)")
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Optional[KVCache] = None) -> mx.array:
+        B, L, _ = x.shape
+        offset = cache.offset if cache is not None else 0
+        q, k, v = K.qkv_post(self.qkv_proj(x), self.qkv_bias, self.n_heads, self.n_kv_heads, offset, **self._rope)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(K.swiglu(self.gate_up_proj(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.eps = args.rms_norm_eps
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, h: mx.array, r: Optional[mx.array], mask: Any = None, cache=None):
+        """The residual stream is h + r (r is None for the first layer); returns the new (h, r)."""
+        if r is None:
+            x = K.rms_norm(h, self.input_layernorm.weight, self.eps)
+        else:
+            h, x = K.add_rms_norm(r, h, self.input_layernorm.weight, self.eps)
+        r = self.self_attn(x, mask, cache)
+        h, x = K.add_rms_norm(r, h, self.post_attention_layernorm.weight, self.eps)
+        return h, self.mlp(x)
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        h, r = self.embed_tokens(inputs), None
+        mask = "causal" if h.shape[1] > 1 else None
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+            h, r = layer(h, r, mask, c)
+        return K.add_rms_norm(r, h, self.norm.weight, self.norm.eps)[1]
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = Qwen2Model(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        """tokens [B, L] -> logits [B, L, vocab]; `cache` from `make_cache()` makes it incremental."""
+        h = self.model(inputs, cache)
+        return self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map checkpoint names (separate q/k/v, gate/up, mlx-lm layout) onto the fused modules."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        for i in range(self.args.num_hidden_layers):
+            p = f"model.layers.{i}."
+            fuse = [("self_attn.qkv_proj", [f"self_attn.{n}_proj" for n in "qkv"]),
+                    ("mlp.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"])]
+            for fused, parts in fuse:
+                for suffix in ("weight", "scales", "biases"):
+                    if f"{p}{parts[0]}.{suffix}" in weights:
+                        weights[f"{p}{fused}.{suffix}"] = mx.concatenate(
+                            [weights.pop(f"{p}{n}.{suffix}") for n in parts], axis=0)
+            if f"{p}self_attn.q_proj.bias" in weights:
+                weights[f"{p}self_attn.qkv_bias"] = mx.concatenate(
+                    [weights.pop(f"{p}self_attn.{n}_proj.bias") for n in "qkv"])
+        return weights

@@ -1,0 +1,202 @@
+"""Model, KV cache, sampling, stop handling and CLI on tiny random-weight GGUF files.
+
+The independent reference for the forward pass is a float64 numpy Qwen2 written
+here from the weights the GGUF reader returns (mlx-lm names), so the fused
+modules, the kernel dispatch and the cache are all checked against plain math.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qwen_mlx
+import mlx.core as mx
+from qwen_mlx.generation import generate_step, stream_generate
+from qwen_mlx.gguf import gguf_config, gguf_weights, open_gguf
+
+
+def numpy_qwen2(path, tokens):
+    """float64 numpy forward of the GGUF at `path` on a 1-D token list -> logits [L, vocab]."""
+    reader = open_gguf(path)
+    c = gguf_config(reader)
+    w = {k: np.array(v, dtype=np.float64) for k, v in gguf_weights(reader, mx.float32).items()}
+    H, KV, D = c["num_attention_heads"], c["num_key_value_heads"], c["hidden_size"] // c["num_attention_heads"]
+    eps, L = c["rms_norm_eps"], len(tokens)
+
+    def norm(x, g):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    inv = c["rope_theta"] ** (-np.arange(0, D, 2) / D)
+    ang = np.arange(L)[:, None] * inv[None]
+    cos, sin = np.cos(ang), np.sin(ang)
+
+    def rope(x):  # [heads, L, D], NeoX halves
+        a, b = x[..., : D // 2], x[..., D // 2:]
+        return np.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
+
+    x = w["model.embed_tokens.weight"][tokens]
+    mask = np.triu(np.full((L, L), -np.inf), 1)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = norm(x, w[p + "input_layernorm.weight"])
+        q, k, v = (h @ w[p + f"self_attn.{n}_proj.weight"].T + w[p + f"self_attn.{n}_proj.bias"] for n in "qkv")
+        q = rope(q.reshape(L, H, D).transpose(1, 0, 2))
+        k = np.repeat(rope(k.reshape(L, KV, D).transpose(1, 0, 2)), H // KV, 0)
+        v = np.repeat(v.reshape(L, KV, D).transpose(1, 0, 2), H // KV, 0)
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(D) + mask
+        s = np.exp(s - s.max(-1, keepdims=True))
+        o = (s / s.sum(-1, keepdims=True)) @ v
+        x = x + o.transpose(1, 0, 2).reshape(L, H * D) @ w[p + "self_attn.o_proj.weight"].T
+        h = norm(x, w[p + "post_attention_layernorm.weight"])
+        g, u = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "mlp.down_proj.weight"].T
+    x = norm(x, w["model.norm.weight"])
+    return x @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf):
+    path = tiny_gguf(qtype="Q8_0", tied=False, seed=1)
+    model, tok = qwen_mlx.load(path, dtype="float32")
+    return path, model, tok
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_forward_matches_float64_numpy(tiny_gguf, tied):
+    # float32 through 2 layers of width 256: relative rounding ~1e-6 per op; logits are O(1),
+    # so 1e-4 absolute leaves a wide margin while catching any real error (a wrong bias, rope
+    # layout or norm gives O(0.1) differences).
+    path = tiny_gguf(qtype="Q4_K", tied=tied, seed=2)
+    model, _ = qwen_mlx.load(path, dtype="float32")
+    toks = np.random.default_rng().integers(0, 283, 37)
+    ours = np.array(model(mx.array(toks[None]))[0])
+    ref = numpy_qwen2(path, toks)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_yarn_forward_matches_float64_numpy(tiny_gguf):
+    """With YaRN the frequencies and attention scaling differ; check against mlx-lm's YaRN
+    formulas re-done in numpy (positions past the original context included)."""
+    path = tiny_gguf(qtype="F32", yarn_factor=4.0, seed=3, context=512)
+    model, _ = qwen_mlx.load(path, dtype="float32")
+    cfg = gguf_config(open_gguf(path))
+    assert cfg["rope_scaling"]["type"] == "yarn" and cfg["rope_scaling"]["factor"] == 4.0
+    toks = np.random.default_rng().integers(0, 283, 200)
+    ours = np.array(model(mx.array(toks[None]))[0])
+    # independent: mlx-lm's own qwen2 with the same weights
+    from mlx_lm.models import qwen2
+
+    ref_model = qwen2.Model(qwen2.ModelArgs.from_dict(dict(cfg)))
+    ref_model.load_weights(list(gguf_weights(open_gguf(path), mx.float32).items()))
+    ref = np.array(ref_model(mx.array(toks[None]))[0])
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_decoding_equals_uncached(tiny):
+    _, model, _ = tiny
+    toks = mx.array(np.random.default_rng().integers(0, 283, (2, 300)))
+    full = model(toks)
+    cache = model.make_cache()
+    parts = [model(toks[:, :100], cache=cache), model(toks[:, 100:257], cache=cache)]  # crosses the 256 step
+    parts += [model(toks[:, i:i + 1], cache=cache) for i in range(257, 300)]
+    np.testing.assert_allclose(np.array(mx.concatenate(parts, 1)), np.array(full), atol=1e-4)
+
+
+def test_batch_equals_one_by_one(tiny):
+    _, model, _ = tiny
+    toks = mx.array(np.random.default_rng().integers(0, 283, (3, 20)))
+    full = model(toks)
+    for b in range(3):
+        np.testing.assert_allclose(np.array(model(toks[b:b + 1])[0]), np.array(full[b]), atol=1e-5)
+
+
+def test_greedy_stream_equals_manual_argmax_and_chunked_prefill(tiny):
+    _, model, tok = tiny
+    prompt = np.random.default_rng().integers(0, 280, 40).tolist()
+    got = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=12)]
+    chunked = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=12, prefill_step_size=7)]
+    seq = list(prompt)
+    for _ in range(12):  # no cache at all
+        seq.append(int(mx.argmax(model(mx.array([seq]))[0, -1]).item()))
+    assert got == seq[40:] == chunked
+
+
+def test_stream_generate_text_logprobs_and_stats(tiny):
+    _, model, tok = tiny
+    rs = list(stream_generate(model, tok, "the cat sat on the mat", max_tokens=10, top_logprobs=3))
+    toks = [r.token for r in rs]
+    assert "".join(r.text for r in rs) == tok.decode([t for t in toks if t not in tok.eos_token_ids])
+    last = rs[-1]
+    assert last.finish_reason in ("stop", "length") and last.generation_tokens == len(rs)
+    assert last.prompt_tps > 0 and last.generation_tps > 0 and last.peak_memory > 0
+    for r in rs:  # greedy: the chosen token is the top-1, and logprobs are normalized
+        assert r.top_logprobs[0][0] == r.token and abs(r.top_logprobs[0][1] - r.logprob) < 1e-5
+        assert r.logprob <= 0
+
+
+def test_stop_string_is_cut_and_never_streamed(tiny):
+    _, model, tok = tiny
+    full = qwen_mlx.generate(model, tok, "hello there", max_tokens=30)
+    assert len(full) > 6
+    stop = full[3:6]
+    pieces = [r.text for r in stream_generate(model, tok, "hello there", max_tokens=30, stop=[stop])]
+    out = "".join(pieces)
+    assert out == full[: full.find(stop)] and stop not in out
+
+
+def test_sampling_seeded_and_top_k_1_is_greedy(tiny):
+    _, model, tok = tiny
+    kw = dict(max_tokens=15, temperature=1.5)
+    a = [r.token for r in stream_generate(model, tok, "abc", seed=7, **kw)]
+    b = [r.token for r in stream_generate(model, tok, "abc", seed=7, **kw)]
+    c = [r.token for r in stream_generate(model, tok, "abc", seed=8, **kw)]
+    assert a == b and a != c
+    greedy = [r.token for r in stream_generate(model, tok, "abc", max_tokens=15)]
+    assert [r.token for r in stream_generate(model, tok, "abc", seed=1, top_k=1, **kw)] == greedy
+
+
+def test_prompt_over_context_is_refused(tiny):
+    _, model, tok = tiny
+    with pytest.raises(ValueError, match="over the model's context of 512"):
+        list(stream_generate(model, tok, list(range(100)) * 6))
+
+
+def run_cli(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "qwen_mlx.generate", *args], capture_output=True,
+                          text=True, input=input, timeout=300)
+
+
+def test_cli_generates_and_reports_stats(tiny):
+    path, model, tok = tiny
+    r = run_cli("--model", str(path), "--prompt", "the cat", "--max-tokens", "8", "--ignore-chat-template")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == qwen_mlx.generate(model, tok, "the cat", max_tokens=8).strip()
+    assert "generation:" in r.stderr and "tok/s" in r.stderr and "peak memory" in r.stderr
+
+
+def test_cli_chat_keeps_cache_across_turns(tiny):
+    path, _, _ = tiny
+    r = run_cli("--model", str(path), "--chat", "--max-tokens", "5", input="hi there\nand again\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("generation:") == 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--bogus"], "unrecognized arguments"),
+    (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+])
+def test_cli_bad_input_one_line_error(args, needle):
+    r = run_cli(*args, "--prompt", "x")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_cli_prompt_over_context(tiny):
+    path, _, _ = tiny
+    r = run_cli("--model", str(path), "--prompt", "the " * 600, "--ignore-chat-template")
+    assert r.returncode != 0 and "context" in r.stderr and len(r.stderr.strip().splitlines()) == 1
