@@ -9,11 +9,16 @@ Two choices shape the code:
 - q/k/v and gate/up are fused projections (`qkv_proj`, `gate_up_proj`): one
   matmul each instead of three and two. `Model.sanitize` concatenates the
   separate checkpoint weights (mlx-lm / Hugging Face names) at load time.
+- The KV cache is mlx-lm's `KVCache` (grows in steps of 256), or on a GPU a
+  `StaticKVCache` of fixed capacity, whose constant shapes let every decode
+  step reuse the same kernels.
 - The hot elementwise work goes through `metal_kernels` (`K.*`): fused
   add+RMSNorm, bias+RoPE+head-split after the q/k/v matmul, SwiGLU. Each op
   there is a hand-written Metal kernel on the GPU and plain MLX elsewhere.
   To fuse each residual add with the norm after it, a block carries the
   residual stream as a pair (h, r) whose sum is the stream.
+- `tap(name, x)` marks the named stages a researcher can capture or replace
+  (`qwen_mlx.inspect`); with no capture active it returns x untouched.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 import metal_kernels as K
+
+# Set by qwen_mlx.inspect while capturing: a callable (name, array) -> array.
+TAP = None
+
+
+def tap(name: str, x: mx.array) -> mx.array:
+    return x if TAP is None else TAP(name, x)
 
 
 @dataclass
@@ -54,6 +66,37 @@ class ModelArgs:
         return self.hidden_size // self.num_attention_heads
 
 
+class StaticKVCache(KVCache):
+    """A KV cache of fixed capacity: the buffers never change shape, so each decode step
+    builds the same graph; attention covers the whole buffer, and `make_mask` hides the
+    positions not written yet (so it must be called before this step's update)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        B, H, L, _ = keys.shape
+        if self.offset + L > self.capacity:
+            raise ValueError(f"KV cache full: {self.offset} + {L} tokens > capacity {self.capacity}")
+        if self.keys is None:
+            self.keys = mx.zeros((B, H, self.capacity, keys.shape[3]), keys.dtype)
+            self.values = mx.zeros((B, H, self.capacity, values.shape[3]), values.dtype)
+        start = mx.array([self.offset])
+        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        self.offset += L
+        return self.keys, self.values
+
+    def keys_and_values(self):
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def make_mask(self, L: int, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """Additive mask [L, capacity] for queries at positions offset .. offset+L-1."""
+        visible = mx.arange(self.capacity)[None] <= (mx.arange(L) + self.offset)[:, None]
+        return mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -71,14 +114,16 @@ class Attention(nn.Module):
         if isinstance(rope, nn.RoPE) and rope.scale != 1.0:
             raise ValueError(f"unsupported rope_scaling {args.rope_scaling} (linear)")
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Optional[KVCache] = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Any = None, cache: Optional[KVCache] = None, name: str = "") -> mx.array:
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
         q, k, v = K.qkv_post(self.qkv_proj(x), self.qkv_bias, self.n_heads, self.n_kv_heads, offset, **self._rope)
+        q, k, v = tap(name + "q", q), tap(name + "k", k), tap(name + "v", v)  # [B, heads, L, head_dim]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        o = tap(name + "attn_out", o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return tap(name + "o_proj", self.o_proj(o))
 
 
 class MLP(nn.Module):
@@ -92,9 +137,9 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, index: int):
         super().__init__()
-        self.eps = args.rms_norm_eps
+        self.eps, self.name = args.rms_norm_eps, f"layers.{index}."
         self.self_attn = Attention(args)
         self.mlp = MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
@@ -106,24 +151,31 @@ class TransformerBlock(nn.Module):
             x = K.rms_norm(h, self.input_layernorm.weight, self.eps)
         else:
             h, x = K.add_rms_norm(r, h, self.input_layernorm.weight, self.eps)
-        r = self.self_attn(x, mask, cache)
+        x = tap(self.name + "attn_norm", x)
+        r = self.self_attn(x, mask, cache, self.name)
         h, x = K.add_rms_norm(r, h, self.post_attention_layernorm.weight, self.eps)
-        return h, self.mlp(x)
+        r = tap(self.name + "mlp_out", self.mlp(tap(self.name + "mlp_norm", x)))
+        if TAP is not None:  # the residual stream after this layer, materialized only when tapped
+            h, r = tap(self.name + "residual", h + r), mx.zeros_like(r)
+        return h, r
 
 
 class Qwen2Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        h, r = self.embed_tokens(inputs), None
-        mask = "causal" if h.shape[1] > 1 else None
+    def __call__(self, inputs: mx.array, cache=None, mask: Optional[mx.array] = None) -> mx.array:
+        h, r = tap("embed", self.embed_tokens(inputs)), None
+        if mask is None and isinstance(cache and cache[0], StaticKVCache):
+            mask = cache[0].make_mask(h.shape[1], h.dtype)
+        elif mask is None:
+            mask = "causal" if h.shape[1] > 1 else None
         for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
             h, r = layer(h, r, mask, c)
-        return K.add_rms_norm(r, h, self.norm.weight, self.norm.eps)[1]
+        return tap("final_norm", K.add_rms_norm(r, h, self.norm.weight, self.norm.eps)[1])
 
 
 class Model(nn.Module):
@@ -135,17 +187,22 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
-        """tokens [B, L] -> logits [B, L, vocab]; `cache` from `make_cache()` makes it incremental."""
-        h = self.model(inputs, cache)
-        return self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
+    def __call__(self, inputs: mx.array, cache=None, mask: Optional[mx.array] = None) -> mx.array:
+        """tokens [B, L] -> logits [B, L, vocab]; `cache` from `make_cache()` makes it incremental.
+
+        `mask` (optional) is an additive or boolean attention mask broadcastable to
+        [B, heads, L, cached + L], e.g. causal and hiding left padding; default causal.
+        """
+        h = self.model(inputs, cache, mask)
+        return tap("logits", self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h))
 
     @property
     def layers(self):
         return self.model.layers
 
-    def make_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.layers]
+    def make_cache(self, capacity: Optional[int] = None) -> list[KVCache]:
+        """A growing KV cache per layer, or a `StaticKVCache` of `capacity` positions."""
+        return [KVCache() if capacity is None else StaticKVCache(capacity) for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map checkpoint names (separate q/k/v, gate/up, mlx-lm layout) onto the fused modules."""

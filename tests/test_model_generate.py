@@ -94,11 +94,12 @@ def test_yarn_forward_matches_float64_numpy(tiny_gguf):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_cached_decoding_equals_uncached(tiny):
+@pytest.mark.parametrize("capacity", [None, 320])  # growing KVCache, fixed-capacity StaticKVCache
+def test_cached_decoding_equals_uncached(tiny, capacity):
     _, model, _ = tiny
     toks = mx.array(np.random.default_rng().integers(0, 283, (2, 300)))
     full = model(toks)
-    cache = model.make_cache()
+    cache = model.make_cache(capacity)
     parts = [model(toks[:, :100], cache=cache), model(toks[:, 100:257], cache=cache)]  # crosses the 256 step
     parts += [model(toks[:, i:i + 1], cache=cache) for i in range(257, 300)]
     np.testing.assert_allclose(np.array(mx.concatenate(parts, 1)), np.array(full), atol=1e-4)
@@ -112,7 +113,9 @@ def test_batch_equals_one_by_one(tiny):
         np.testing.assert_allclose(np.array(model(toks[b:b + 1])[0]), np.array(full[b]), atol=1e-5)
 
 
-def test_greedy_stream_equals_manual_argmax_and_chunked_prefill(tiny):
+@pytest.mark.parametrize("static", ["0", "1"])
+def test_greedy_stream_equals_manual_argmax_and_chunked_prefill(tiny, static, monkeypatch):
+    monkeypatch.setenv("QWEN_MLX_STATIC_CACHE", static)
     _, model, tok = tiny
     prompt = np.random.default_rng().integers(0, 280, 40).tolist()
     got = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=12)]
