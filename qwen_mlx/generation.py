@@ -61,7 +61,7 @@ def generate_step(
 
     def step(y):
         nonlocal tokens
-        logits = model(y[None], cache=cache)[:, -1, :]
+        logits = model(y[None], cache=cache, last_only=True)[:, -1, :]
         if logits_processors:
             for proc in logits_processors:
                 logits = proc(tokens, logits)
