@@ -1,0 +1,88 @@
+"""Hand-written kernels for the hot ops of a Qwen2.5 layer, with plain-MLX references.
+
+    import metal_kernels as K
+    K.rms_norm(x, w, eps)                       # x [..., D]
+    h, y = K.add_rms_norm(x, r, w, eps)         # h = x + r, y = rms_norm(h)
+    K.rope(x, offset, base, freqs=None, mscale=1.0)              # x [B, H, L, D], NeoX
+    q, k, v = K.qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.0)
+    K.swiglu(gate_up)                           # silu(gate) * up
+
+Each op is a Metal kernel body (metal_kernels/<op>.metal) run by `mx.fast.metal_kernel` on
+Apple GPUs and, through msl_compat.h, by `mx.fast.cuda_kernel` on NVIDIA GPUs; elsewhere
+(and whenever the kernel is not faster, see USE) the plain-MLX reference runs.
+
+Switches: `QWEN_MLX_KERNELS=reference` in the environment or `set_backend("reference")` force the
+references; `set_backend("kernels")` (or `QWEN_MLX_KERNELS=kernels`) forces every kernel, ignoring
+USE; `set_backend("auto")` is the default. `backend()` says what runs: "metal", "cuda" or
+"reference". Both paths stay callable explicitly: `metal_kernels.reference.<op>`,
+`metal_kernels.kernels.<op>`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from . import kernels, reference
+from ._core import gpu_backend
+
+__all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "set_backend", "backend", "USE",
+           "kernels", "reference"]
+
+# Per-op opt-in, from scripts/bench_kernels.py on an H100 (MLX CUDA, bf16, Qwen2.5-0.5B geometry):
+# an op uses its kernel only where the kernel beat the ops it replaces, at decode and prefill
+# sizes, in the place the model calls it. See docs/kernels.md for the numbers.
+USE = {
+    "rms_norm": False,      # one mx.fast.rms_norm launch already; the custom call costs more host time
+    "add_rms_norm": False,
+    "rope": False,          # one mx.fast.rope launch already
+    "qkv_post": False,
+    "swiglu": False,
+}
+
+_MODES = ("auto", "reference", "kernels")
+_mode = os.environ.get("QWEN_MLX_KERNELS", "auto").strip().lower() or "auto"
+if _mode not in _MODES:
+    raise ValueError(f"QWEN_MLX_KERNELS={_mode!r}: want one of {', '.join(_MODES)}")
+
+
+def set_backend(mode: str) -> None:
+    """'auto' (kernels where USE says so and a GPU is there), 'reference' (plain MLX everywhere),
+    or 'kernels' (every kernel, ignoring USE: for experiments)."""
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"set_backend({mode!r}): want one of {', '.join(_MODES)}")
+    _mode = mode
+
+
+def backend() -> str:
+    """'metal' or 'cuda' when kernels may run (GPU back end, default device on it), else 'reference'."""
+    if _mode == "reference" or mx.default_device() != mx.gpu:
+        return "reference"
+    return gpu_backend() or "reference"
+
+
+def _use(op: str, x: mx.array) -> bool:
+    return x.size > 0 and backend() != "reference" and (_mode == "kernels" or USE[op])
+
+
+def rms_norm(x, weight, eps):
+    return (kernels if _use("rms_norm", x) else reference).rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps):
+    return (kernels if _use("add_rms_norm", x) else reference).add_rms_norm(x, residual, weight, eps)
+
+
+def rope(x, offset, base, freqs=None, mscale=1.0):
+    return (kernels if _use("rope", x) else reference).rope(x, offset, base, freqs, mscale)
+
+
+def qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.0):
+    impl = kernels if _use("qkv_post", qkv) else reference
+    return impl.qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs, mscale)
+
+
+def swiglu(gate_up):
+    return (kernels if _use("swiglu", gate_up) else reference).swiglu(gate_up)

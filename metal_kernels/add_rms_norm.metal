@@ -1,0 +1,53 @@
+// add_rms_norm: h = x + r (rounded to T), y = rms_norm(h) * w, in one pass.
+//
+// Layout: as rms_norm.metal. One threadgroup per row, grid = (rows * TG, 1, 1),
+// threadgroup = (TG, 1, 1), TG a multiple of 32 (<= 1024); thread t holds
+// elements t, t + TG, ... of h in registers (N = ceil(D / TG) of them), writes
+// them to h, reduces the sum of squares in float32 (simd_sum, then one partial
+// per SIMD-group in threadgroup memory) and writes y.
+// Inputs:  x [rows, D] (T), r [rows, D] (T), w [D] (T), eps [1] (float32).
+// Outputs: h [rows, D] (T), y [rows, D] (T).
+// Template: T (dtype), D (row length), TG (threads per row).
+// Rounding as `h = x + r; mx.fast.rms_norm(h, w, eps)`: h = T(x + r), the
+// norm is computed from the rounded h, y = T(T(h * n) * w).
+// ---- body ----
+constexpr int N = (D + TG - 1) / TG;
+const uint row = threadgroup_position_in_grid.x;
+const uint tid = thread_index_in_threadgroup;
+if (row >= uint(x_shape[0])) {
+  return;  // whole threadgroup past the last row (no thread reaches the barrier)
+}
+const size_t base = size_t(row) * D;
+
+float v[N];
+float ss = 0.0f;
+for (int j = 0; j < N; j++) {
+  const uint c = tid + uint(j * TG);
+  v[j] = 0.0f;
+  if (c < uint(D)) {
+    const T hc = static_cast<T>(static_cast<float>(x[base + c]) + static_cast<float>(r[base + c]));
+    h[base + c] = hc;
+    v[j] = static_cast<float>(hc);
+  }
+  ss += v[j] * v[j];
+}
+
+threadgroup float partial[TG / 32];
+ss = simd_sum(ss);
+if (thread_index_in_simdgroup == 0) {
+  partial[simdgroup_index_in_threadgroup] = ss;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+float total = 0.0f;
+for (int s = 0; s < TG / 32; s++) {
+  total += partial[s];
+}
+const float n = metal::precise::rsqrt(total / float(D) + eps[0]);
+
+for (int j = 0; j < N; j++) {
+  const uint c = tid + uint(j * TG);
+  if (c < uint(D)) {
+    const T hn = static_cast<T>(v[j] * n);
+    y[base + c] = static_cast<T>(static_cast<float>(hn) * static_cast<float>(w[c]));
+  }
+}

@@ -1,0 +1,128 @@
+// msl_compat.h: lets a Metal Shading Language kernel body, as written for
+// mx.fast.metal_kernel, compile as CUDA under mx.fast.cuda_kernel.
+//
+// MLX pastes this text (followed by the kernel file's own header section)
+// after its CUDA prelude (mlx/backend/cuda/device/utils.cuh, cuda_fp16.h,
+// cuda_bf16.h, cooperative_groups.h) and before
+//   namespace mlx::core::cu { __global__ void custom_kernel_NAME(...) { BODY } }
+// It maps the Metal names a body may use to CUDA:
+//   - types and address spaces: uint, device, constant, threadgroup;
+//   - thread-position attributes (Metal passes them as kernel arguments, here
+//     they are expressions over threadIdx / blockIdx / blockDim / gridDim);
+//   - threadgroup_barrier(mem_flags::...), simd_sum / simd_max / simd_min,
+//     simd_shuffle_xor / simd_shuffle / simd_broadcast (SIMD-group = warp of 32);
+//   - metal:: math (float): rsqrt, sqrt, exp, exp2, log, log2, cos, sin, abs,
+//     fabs, max, min, fma, and metal::precise:: / metal::fast:: variants.
+// Only what the kernels in this package use is mapped: extend it as needed.
+// Thread-position attributes assume the SIMD-group is 32 threads (Apple GPUs
+// and NVIDIA warps both are) and threadgroups whose size is a multiple of 32.
+
+typedef unsigned int uint;
+
+namespace msl {
+__device__ __forceinline__ uint3 grid_pos() {
+  return make_uint3(blockIdx.x * blockDim.x + threadIdx.x,
+                    blockIdx.y * blockDim.y + threadIdx.y,
+                    blockIdx.z * blockDim.z + threadIdx.z);
+}
+__device__ __forceinline__ uint3 grid_size() {
+  return make_uint3(gridDim.x * blockDim.x, gridDim.y * blockDim.y, gridDim.z * blockDim.z);
+}
+__device__ __forceinline__ uint tid_in_tg() {
+  return (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+}
+}  // namespace msl
+
+#define thread_position_in_grid (::msl::grid_pos())
+#define threads_per_grid (::msl::grid_size())
+#define thread_position_in_threadgroup (threadIdx)
+#define threads_per_threadgroup (uint3(blockDim))
+#define threadgroup_position_in_grid (blockIdx)
+#define threadgroups_per_grid (uint3(gridDim))
+#define thread_index_in_threadgroup (::msl::tid_in_tg())
+#define thread_index_in_simdgroup (::msl::tid_in_tg() % 32u)
+#define simdgroup_index_in_threadgroup (::msl::tid_in_tg() / 32u)
+#define threads_per_simdgroup (32u)
+#define simdgroups_per_threadgroup ((blockDim.x * blockDim.y * blockDim.z + 31u) / 32u)
+
+// threadgroup_barrier(mem_flags::mem_threadgroup) and friends: a block barrier
+// (which also orders shared and global memory for the block).
+namespace mem_flags {
+enum : int { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
+}
+__device__ __forceinline__ void threadgroup_barrier(int) { __syncthreads(); }
+__device__ __forceinline__ void simdgroup_barrier(int) { __syncwarp(); }
+
+// SIMD-group reductions and shuffles over the full warp. As in Metal, every
+// lane of the SIMD-group must call them; the xor butterfly leaves the same
+// (bitwise identical) result in every lane.
+template <typename U>
+__device__ __forceinline__ U simd_sum(U x) {
+  for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+  return x;
+}
+template <typename U>
+__device__ __forceinline__ U simd_max(U x) {
+  for (int m = 16; m > 0; m >>= 1) { U y = __shfl_xor_sync(0xffffffffu, x, m); x = y > x ? y : x; }
+  return x;
+}
+template <typename U>
+__device__ __forceinline__ U simd_min(U x) {
+  for (int m = 16; m > 0; m >>= 1) { U y = __shfl_xor_sync(0xffffffffu, x, m); x = y < x ? y : x; }
+  return x;
+}
+template <typename U>
+__device__ __forceinline__ U simd_shuffle_xor(U x, unsigned short mask) {
+  return __shfl_xor_sync(0xffffffffu, x, mask);
+}
+template <typename U>
+__device__ __forceinline__ U simd_shuffle(U x, unsigned short lane) {
+  return __shfl_sync(0xffffffffu, x, lane);
+}
+template <typename U>
+__device__ __forceinline__ U simd_broadcast(U x, unsigned short lane) {
+  return __shfl_sync(0xffffffffu, x, lane);
+}
+
+// metal:: math on float. MLX compiles custom kernels without --use_fast_math,
+// so cosf/sinf/expf are the accurate versions (like metal::precise::).
+namespace metal {
+__device__ __forceinline__ float rsqrt(float x) { return ::rsqrtf(x); }
+__device__ __forceinline__ float sqrt(float x) { return ::sqrtf(x); }
+__device__ __forceinline__ float exp(float x) { return ::expf(x); }
+__device__ __forceinline__ float exp2(float x) { return ::exp2f(x); }
+__device__ __forceinline__ float log(float x) { return ::logf(x); }
+__device__ __forceinline__ float log2(float x) { return ::log2f(x); }
+__device__ __forceinline__ float cos(float x) { return ::cosf(x); }
+__device__ __forceinline__ float sin(float x) { return ::sinf(x); }
+__device__ __forceinline__ float abs(float x) { return ::fabsf(x); }
+__device__ __forceinline__ float fabs(float x) { return ::fabsf(x); }
+__device__ __forceinline__ float fma(float a, float b, float c) { return ::fmaf(a, b, c); }
+template <typename U>
+__device__ __forceinline__ U max(U a, U b) { return a > b ? a : b; }
+template <typename U>
+__device__ __forceinline__ U min(U a, U b) { return a < b ? a : b; }
+namespace precise {
+__device__ __forceinline__ float rsqrt(float x) { return 1.0f / ::sqrtf(x); }
+__device__ __forceinline__ float sqrt(float x) { return ::sqrtf(x); }
+__device__ __forceinline__ float exp(float x) { return ::expf(x); }
+__device__ __forceinline__ float cos(float x) { return ::cosf(x); }
+__device__ __forceinline__ float sin(float x) { return ::sinf(x); }
+__device__ __forceinline__ float divide(float a, float b) { return a / b; }
+}  // namespace precise
+namespace fast {
+__device__ __forceinline__ float rsqrt(float x) { return ::rsqrtf(x); }
+__device__ __forceinline__ float exp(float x) { return ::__expf(x); }
+__device__ __forceinline__ float cos(float x) { return ::__cosf(x); }
+__device__ __forceinline__ float sin(float x) { return ::__sinf(x); }
+__device__ __forceinline__ float divide(float a, float b) { return ::__fdividef(a, b); }
+}  // namespace fast
+}  // namespace metal
+
+// Address-space qualifiers: CUDA has one generic address space for pointers,
+// and threadgroup memory is __shared__. These come last: CUDA's own
+// __device__ / __constant__ expand to __attribute__((device)) /
+// __attribute__((constant)), which these macros would break if defined earlier.
+#define device
+#define constant
+#define threadgroup __shared__

@@ -1,0 +1,58 @@
+"""Plain-MLX reference implementations: the CPU path, and what the kernels must equal.
+
+Each function has the same signature and rounding points as its kernel.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """x [..., D], weight [D] -> x * rsqrt(mean(x^2) + eps) * weight (float32 accumulation), in x's dtype."""
+    return mx.fast.rms_norm(x, weight.astype(x.dtype), eps)
+
+
+def add_rms_norm(x: mx.array, residual: mx.array, weight: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """h = x + residual (in x's dtype), y = rms_norm(h, weight, eps) -> (h, y)."""
+    h = x + residual.astype(x.dtype)
+    return h, mx.fast.rms_norm(h, weight.astype(x.dtype), eps)
+
+
+def rope(x: mx.array, offset, base: float | None, freqs: mx.array | None = None, mscale: float = 1.0) -> mx.array:
+    """NeoX RoPE of x [B, H, L, D] at positions offset..offset+L-1 (offset: int or 1-element int32 array).
+
+    With `freqs` (YaRN), x is first multiplied by `mscale`, as mlx-lm's YarnRoPE does.
+    """
+    if mscale != 1.0:
+        x = x * mscale
+    if isinstance(offset, mx.array):
+        offset = offset.reshape(())
+    return mx.fast.rope(x, x.shape[-1], traditional=False, base=None if freqs is not None else base,
+                        scale=1.0, offset=offset, freqs=freqs)
+
+
+def qkv_post(qkv: mx.array, bias: mx.array, n_heads: int, n_kv_heads: int, offset, base: float | None,
+             freqs: mx.array | None = None, mscale: float = 1.0) -> tuple[mx.array, mx.array, mx.array]:
+    """qkv [B, L, (n_heads + 2 n_kv_heads) D] (the fused projection, no bias) -> q [B, n_heads, L, D],
+    k, v [B, n_kv_heads, L, D]: bias added (cast to qkv's dtype), RoPE on q and k."""
+    B, L, _ = qkv.shape
+    nh = n_heads + 2 * n_kv_heads
+    h = (qkv + bias.astype(qkv.dtype)).reshape(B, L, nh, -1).transpose(0, 2, 1, 3)
+    q, k, v = h[:, :n_heads], h[:, n_heads:n_heads + n_kv_heads], h[:, n_heads + n_kv_heads:]
+    return rope(q, offset, base, freqs, mscale), rope(k, offset, base, freqs, mscale), v
+
+
+@mx.compile
+def _swiglu(gate_up: mx.array) -> mx.array:
+    gate, up = mx.split(gate_up, 2, axis=-1)
+    return (nn.silu(gate.astype(mx.float32)) * up.astype(mx.float32)).astype(gate_up.dtype)
+
+
+def swiglu(gate_up: mx.array) -> mx.array:
+    """gate_up [..., 2I] -> silu(gate) * up [..., I] (gate = first I, up = last I), silu in float32.
+
+    Compiled, so on a GPU it is one fused elementwise kernel (as mlx-lm's compiled swiglu).
+    """
+    return _swiglu(gate_up)

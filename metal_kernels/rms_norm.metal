@@ -1,0 +1,48 @@
+// rms_norm: y = x * rsqrt(mean(x^2) + eps) * w over the last axis of x.
+//
+// Layout: one threadgroup per row. grid = (rows * TG, 1, 1), threadgroup =
+// (TG, 1, 1), TG a multiple of 32 (<= 1024). Thread t of a row holds the
+// N = ceil(D / TG) elements t, t + TG, t + 2 TG, ... in registers (coalesced
+// loads), so x is read once. Sum of squares in float32: simd_sum within each
+// SIMD-group, one partial per SIMD-group in threadgroup memory, every thread
+// then adds the TG / 32 partials in the same order.
+// Inputs:  x [rows, D] (T), w [D] (T), eps [1] (float32).
+// Output:  y [rows, D] (T).
+// Template: T (dtype), D (row length), TG (threads per row).
+// Rounding as mx.fast.rms_norm: y = T(T(x * n) * w), n = rsqrt(mean + eps) in float32.
+// ---- body ----
+constexpr int N = (D + TG - 1) / TG;
+const uint row = threadgroup_position_in_grid.x;
+const uint tid = thread_index_in_threadgroup;
+if (row >= uint(x_shape[0])) {
+  return;  // whole threadgroup past the last row (no thread reaches the barrier)
+}
+const size_t base = size_t(row) * D;
+
+float v[N];
+float ss = 0.0f;
+for (int j = 0; j < N; j++) {
+  const uint c = tid + uint(j * TG);
+  v[j] = c < uint(D) ? static_cast<float>(x[base + c]) : 0.0f;
+  ss += v[j] * v[j];
+}
+
+threadgroup float partial[TG / 32];
+ss = simd_sum(ss);
+if (thread_index_in_simdgroup == 0) {
+  partial[simdgroup_index_in_threadgroup] = ss;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+float total = 0.0f;
+for (int s = 0; s < TG / 32; s++) {
+  total += partial[s];
+}
+const float n = metal::precise::rsqrt(total / float(D) + eps[0]);
+
+for (int j = 0; j < N; j++) {
+  const uint c = tid + uint(j * TG);
+  if (c < uint(D)) {
+    const T xn = static_cast<T>(v[j] * n);
+    y[base + c] = static_cast<T>(static_cast<float>(xn) * static_cast<float>(w[c]));
+  }
+}
