@@ -65,7 +65,8 @@ def load_tokenizer(source: gguf.GGUFReader | str | os.PathLike) -> TokenizerWrap
     if kind is None or tokens is None:
         raise TokenizerLoadError(f"{name}: no tokenizer in this GGUF (tokenizer.ggml.model/tokens missing)")
     if kind != "gpt2":
-        raise TokenizerLoadError(f"{name}: unsupported tokenizer.ggml.model {kind!r}; only 'gpt2' (byte-level BPE) is supported")
+        raise TokenizerLoadError(f"{name}: unsupported tokenizer.ggml.model {kind!r}; "
+                                 "only 'gpt2' (byte-level BPE) is supported")
     if merges is None:
         raise TokenizerLoadError(f"{name}: byte-level BPE tokenizer without tokenizer.ggml.merges")
     if pre not in QWEN2_PRE:
@@ -95,7 +96,7 @@ def load_tokenizer(source: gguf.GGUFReader | str | os.PathLike) -> TokenizerWrap
         add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         add_eos_token=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
         clean_up_tokenization_spaces=False,
-        model_max_length=_field(reader, f"{_field(reader, 'general.architecture', 'qwen2')}.context_length", 32768),
+        # no model_max_length: the generation loop checks the context (transformers would only warn)
     )
     vocab = hf.get_vocab()
     eos = {vocab[t] for t in ("<|im_end|>", "<|endoftext|>") if t in vocab}
