@@ -30,15 +30,19 @@ from ._core import gpu_backend
 __all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "set_backend", "backend", "USE",
            "kernels", "reference"]
 
-# Per-op opt-in, from scripts/bench_kernels.py on an H100 (MLX CUDA, bf16, Qwen2.5-0.5B geometry):
-# an op uses its kernel only where the kernel beat the ops it replaces, at decode and prefill
-# sizes, in the place the model calls it. See docs/kernels.md for the numbers.
+# Per-op opt-in: an op runs its kernel only where the kernel beat the ops it replaces, in the place
+# the model calls it. Measured with scripts/bench_kernels.py on an H100 (MLX 0.32.4 CUDA, bf16,
+# Qwen2.5-0.5B geometry; docs/kernels.md has the table): an MLX custom-kernel call costs 13-28 us
+# per call in an uncompiled loop against 4-9 us for a built-in op, so only qkv_post (one launch for
+# three) won in isolation (23 vs 34 us at decode, 21 vs 25 us at L=512), and in the decoding model
+# every kernel setting, qkv_post alone included, was slower than the references. Not measured on
+# Apple silicon yet: run the benchmark there before turning any of these on for Metal.
 USE = {
-    "rms_norm": False,      # one mx.fast.rms_norm launch already; the custom call costs more host time
-    "add_rms_norm": False,
-    "rope": False,          # one mx.fast.rope launch already
-    "qkv_post": False,
-    "swiglu": False,
+    "rms_norm": False,      # one mx.fast.rms_norm launch already: 22 vs 6 us at decode
+    "add_rms_norm": False,  # 28 vs 8 us at decode (two built-in launches beat one custom)
+    "rope": False,          # one mx.fast.rope launch already: 16 vs 9 us
+    "qkv_post": False,      # faster alone (23 vs 34 us) but not in the model: 283 vs 330 tok/s
+    "swiglu": False,        # the compiled reference is one fused launch already: 13 vs 7 us
 }
 
 _MODES = ("auto", "reference", "kernels")

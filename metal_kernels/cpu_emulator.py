@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -122,12 +123,25 @@ _ATTRS = ("thread_position_in_grid, threadgroup_position_in_grid, threads_per_th
           "thread_index_in_threadgroup, thread_index_in_simdgroup, simdgroup_index_in_threadgroup")
 
 
+@lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether CXX builds C++20 with <barrier> (what the emulator needs)."""
+    if CXX is None:
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "probe.cpp"
+        src.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+        r = subprocess.run([CXX, "-std=c++20", "-pthread", "-o", str(Path(d) / "probe"), str(src)],
+                           capture_output=True)
+        return r.returncode == 0
+
+
 def run(name: str, inputs: list, outputs: list, template: list, grid: int, threadgroup: int) -> list:
     """inputs: [(name, array)]; arrays are np.float32/float16/int32, or ("bf16", uint16 array) for bfloat16.
     outputs: [(name, shape, 'float32'|'float16'|'bfloat16')]; returns the output arrays (bf16 as uint16),
     each poisoned with NaN before the run. template: [(name, 'float32'|... or int)]."""
-    if CXX is None:
-        raise RuntimeError("no C++ compiler (g++ or clang++)")
+    if not available():
+        raise RuntimeError("metal_kernels.cpu_emulator needs a C++20 compiler with <barrier> (g++ >= 11, clang++)")
     header, body = load_source(name)
     ct = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t", "int32": "int32_t"}
     np_of = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int32": np.int32}

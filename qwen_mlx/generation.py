@@ -7,7 +7,6 @@ repetition penalty are mlx-lm's (`make_sampler`, `make_logits_processors`).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Generator, List, Optional, Sequence, Union
@@ -15,13 +14,6 @@ from typing import Callable, Generator, List, Optional, Sequence, Union
 from . import _blas  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-
-def use_static_cache() -> bool:
-    """Fixed-capacity KV cache for one-shot generation: on a GPU (constant shapes every
-    step), not on a CPU. `QWEN_MLX_STATIC_CACHE=0/1` overrides (for benchmarks)."""
-    env = os.environ.get("QWEN_MLX_STATIC_CACHE")
-    return env == "1" if env in ("0", "1") else mx.default_device() != mx.cpu
 
 
 @dataclass
@@ -46,17 +38,15 @@ def generate_step(
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable]] = None,
     cache: Optional[list] = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int = 2048,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token, logprobs) for up to `max_tokens` new tokens after the 1-D `prompt`.
 
     The prompt is prefilled in chunks of `prefill_step_size`; `cache` (from
-    `model.make_cache()`) may already hold earlier tokens and is extended. Without
-    one, a cache sized for prompt + max_tokens is made (see `use_static_cache`).
+    `model.make_cache()`) may already hold earlier tokens and is extended.
     """
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
-    if cache is None:
-        cache = model.make_cache(prompt.size + max_tokens if use_static_cache() else None)
+    cache = cache if cache is not None else model.make_cache()
     tokens = prompt if logits_processors else None
 
     def step(y):
@@ -110,7 +100,7 @@ def stream_generate(
     stop: Sequence[str] = (),
     cache: Optional[list] = None,
     top_logprobs: int = 0,
-    prefill_step_size: int = 512,
+    prefill_step_size: int = 2048,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream the continuation of `prompt` (a string, used as is, or token ids).
 

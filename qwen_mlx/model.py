@@ -9,9 +9,7 @@ Two choices shape the code:
 - q/k/v and gate/up are fused projections (`qkv_proj`, `gate_up_proj`): one
   matmul each instead of three and two. `Model.sanitize` concatenates the
   separate checkpoint weights (mlx-lm / Hugging Face names) at load time.
-- The KV cache is mlx-lm's `KVCache` (grows in steps of 256), or on a GPU a
-  `StaticKVCache` of fixed capacity, whose constant shapes let every decode
-  step reuse the same kernels.
+- The KV cache is mlx-lm's `KVCache` (preallocated in steps of 256 positions).
 - The hot elementwise work goes through `metal_kernels` (`K.*`): fused
   add+RMSNorm, bias+RoPE+head-split after the q/k/v matmul, SwiGLU. Each op
   there is a hand-written Metal kernel on the GPU and plain MLX elsewhere.
@@ -64,37 +62,6 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-
-class StaticKVCache(KVCache):
-    """A KV cache of fixed capacity: the buffers never change shape, so each decode step
-    builds the same graph; attention covers the whole buffer, and `make_mask` hides the
-    positions not written yet (so it must be called before this step's update)."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        B, H, L, _ = keys.shape
-        if self.offset + L > self.capacity:
-            raise ValueError(f"KV cache full: {self.offset} + {L} tokens > capacity {self.capacity}")
-        if self.keys is None:
-            self.keys = mx.zeros((B, H, self.capacity, keys.shape[3]), keys.dtype)
-            self.values = mx.zeros((B, H, self.capacity, values.shape[3]), values.dtype)
-        start = mx.array([self.offset])
-        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
-        self.values = mx.slice_update(self.values, values, start, axes=(2,))
-        self.offset += L
-        return self.keys, self.values
-
-    def keys_and_values(self):
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-
-    def make_mask(self, L: int, dtype: mx.Dtype = mx.float32) -> mx.array:
-        """Additive mask [L, capacity] for queries at positions offset .. offset+L-1."""
-        visible = mx.arange(self.capacity)[None] <= (mx.arange(L) + self.offset)[:, None]
-        return mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))
 
 
 class Attention(nn.Module):
@@ -169,9 +136,7 @@ class Qwen2Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None, mask: Optional[mx.array] = None) -> mx.array:
         h, r = tap("embed", self.embed_tokens(inputs)), None
-        if mask is None and isinstance(cache and cache[0], StaticKVCache):
-            mask = cache[0].make_mask(h.shape[1], h.dtype)
-        elif mask is None:
+        if mask is None:
             mask = "causal" if h.shape[1] > 1 else None
         for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
             h, r = layer(h, r, mask, c)
@@ -205,9 +170,8 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def make_cache(self, capacity: Optional[int] = None) -> list[KVCache]:
-        """A growing KV cache per layer, or a `StaticKVCache` of `capacity` positions."""
-        return [KVCache() if capacity is None else StaticKVCache(capacity) for _ in self.layers]
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map checkpoint names (separate q/k/v, gate/up, mlx-lm layout) onto the fused modules."""

@@ -5,8 +5,12 @@
 
 Each library runs its own `generate_step` (greedy) on the same prompt: prefill
 tok/s = prompt tokens / time to the first token; decode tok/s = further tokens /
-their time. The two alternate, each case is repeated `--repeats` times and the
-best run is kept. The ratio column is qwen_mlx / mlx-lm.
+their time. The two alternate, each case runs once unmeasured, then `--repeats`
+times, and the best run is kept. The ratio column is qwen_mlx / mlx-lm.
+
+On Linux, qwen_mlx loads OpenBLAS into the process, which then serves both
+libraries. `--mlx-lm-blas bundled` runs mlx-lm in a second process without it,
+as mlx-lm runs when installed on its own (the two then no longer alternate).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from mlx_lm.models import qwen2 as mlx_lm_qwen2  # noqa: E402
 from qwen_mlx.generation import generate_step  # noqa: E402
 from qwen_mlx.loader import build_model  # noqa: E402
 
-GEOMETRIES = {  # Qwen2.5 sizes
+GEOMETRIES = {  # Qwen2.5 sizes, and a tiny one to check the script itself
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True),
     "0.5B": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
                  num_key_value_heads=2, tie_word_embeddings=True),
     "1.5B": dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
@@ -84,8 +90,9 @@ def bench_pair(ours, ref, prompt_len: int, n_gen: int, repeats: int) -> dict:
     res = {}
     fns = {"qwen_mlx": (lambda p, m, **k: generate_step(p, m, **k), ours),
            "mlx_lm": (lambda p, m, **k: (t for t, _ in mlx_lm_generate_step(p, m, **k)), ref)}
-    for name, (fn, model) in fns.items():  # warm-up (kernel compilation, allocator)
-        run_once(fn, model, prompt[:16], 4)
+    fns = {k: v for k, v in fns.items() if v[1] is not None}
+    for name, (fn, model) in fns.items():  # warm-up at the same shapes (kernel compilation, allocator)
+        run_once(fn, model, prompt, n_gen)
     for _ in range(repeats):
         for name, (fn, model) in fns.items():
             mx.clear_cache()
@@ -108,7 +115,24 @@ def main():
                    help="comma list of prompt_len:new_tokens")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--mlx-lm-blas", choices=["same", "bundled"], default="same",
+                   help="bundled: run mlx-lm in a separate process with MLX's own BLAS")
+    p.add_argument("--only", choices=["qwen_mlx", "mlx_lm"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.mlx_lm_blas == "bundled" and a.only is None:
+        import os
+        import subprocess
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            argv = [x for x in sys.argv[1:] if x not in ("--mlx-lm-blas", "bundled")]
+            if "--json" in argv:
+                i = argv.index("--json")
+                del argv[i:i + 2]
+            subprocess.run([sys.executable, __file__, *argv, "--only", "mlx_lm", "--json", f.name],
+                           check=True, env=dict(os.environ, QWEN_MLX_BLAS="none"), stdout=subprocess.DEVNULL)
+            theirs = json.loads(Path(f.name).read_text())
+        print(f"mlx-lm ran in its own process, BLAS: {theirs['blas']}")
 
     pairs = []
     if a.random:
@@ -118,14 +142,25 @@ def main():
     else:
         pairs.append((f"{a.model or 'default model'} {a.dtype}", lambda: pair_from_model(a.model, a.dtype)))
     rows = []
-    print(f"device: {mx.default_device()}, mlx {mx.__version__}, BLAS: {qwen_mlx._blas.blas_name()}")
+    if not a.only:
+        print(f"device: {mx.default_device()}, mlx {mx.__version__}, BLAS: {qwen_mlx._blas.blas_name()}")
     hdr = f"{'model':28} {'prompt':>6} {'gen':>4} | {'prefill tok/s ours / mlx-lm (x)':>34} | {'decode tok/s ours / mlx-lm (x)':>32} | peak GB"
-    print(hdr)
+    if not a.only:
+        print(hdr)
     for label, make in pairs:
         ours, ref = make()
+        ours, ref = (None if a.only == "mlx_lm" else ours), (None if a.only == "qwen_mlx" else ref)
+        if a.mlx_lm_blas == "bundled" and a.only is None:
+            ref = None
         for case in a.cases.split(","):
             plen, ngen = map(int, case.split(":"))
             r = bench_pair(ours, ref, plen, ngen, a.repeats)
+            if a.only:
+                rows.append(dict(model=label, prompt=plen, gen=ngen, **r))
+                continue
+            if "mlx_lm" not in r:  # measured in the other process
+                r["mlx_lm"] = next(x["mlx_lm"] for x in theirs["rows"]
+                                   if x["model"] == label and x["prompt"] == plen and x["gen"] == ngen)
             o, m = r["qwen_mlx"], r["mlx_lm"]
             row = dict(model=label, prompt=plen, gen=ngen, ours=o, mlx_lm=m,
                        prefill_ratio=o["prefill_tps"] / m["prefill_tps"], decode_ratio=o["decode_tps"] / m["decode_tps"])

@@ -274,7 +274,7 @@ def test_reference_vs_float64(dtype):
     case_swiglu(R, dtype, (2, 3, 200), g)
 
 
-needs_cxx = pytest.mark.skipif(cpu_emulator.CXX is None, reason="no C++ compiler for metal_kernels.cpu_emulator")
+needs_cxx = pytest.mark.skipif(not cpu_emulator.available(), reason="no C++20 compiler for metal_kernels.cpu_emulator")
 
 
 class Emulated:
