@@ -27,7 +27,7 @@ import mlx.core as mx
 from . import kernels, reference
 from ._core import gpu_backend
 
-__all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "set_backend", "backend", "USE",
+__all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "set_backend", "mode", "backend", "USE",
            "kernels", "reference"]
 
 # Per-op opt-in: an op runs its kernel only where the kernel beat the ops it replaces, in the place
@@ -58,6 +58,11 @@ def set_backend(mode: str) -> None:
     if mode not in _MODES:
         raise ValueError(f"set_backend({mode!r}): want one of {', '.join(_MODES)}")
     _mode = mode
+
+
+def mode() -> str:
+    """The mode set by `set_backend` or QWEN_MLX_KERNELS: 'auto', 'reference' or 'kernels'."""
+    return _mode
 
 
 def backend() -> str:

@@ -16,7 +16,7 @@ Two choices shape the code:
   To fuse each residual add with the norm after it, a block carries the
   residual stream as a pair (h, r) whose sum is the stream.
 - `tap(name, x)` marks the named stages a researcher can capture or replace
-  (`qwen_mlx.inspect`); with no capture active it returns x untouched.
+  (`qwen_mlx.research`); with no capture active it returns x untouched.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 import metal_kernels as K
 
-# Set by qwen_mlx.inspect while capturing: a callable (name, array) -> array.
+# Set by qwen_mlx.research while capturing: a callable (name, array) -> array.
 TAP = None
 
 
