@@ -134,6 +134,10 @@ def _read_hf(src: Path, dtype, requant, progress: bool):
             p = q[m] if isinstance(q.get(m), dict) else q
             weights[f"{m}.weight"] = mx.dequantize(weights[f"{m}.weight"], weights.pop(n), weights.pop(f"{m}.biases"),
                                                    group_size=p["group_size"], bits=p["bits"])
+    if rp := config.pop("rope_parameters", None):  # transformers 5's spelling; mlx-lm reads the old one
+        config.setdefault("rope_theta", rp.get("rope_theta", 1_000_000.0))
+        if rp.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+            config["rope_scaling"] = {**{k: v for k, v in rp.items() if k != "rope_theta"}, "type": rp["rope_type"]}
     config.setdefault("tie_word_embeddings", False)
     if config["tie_word_embeddings"]:
         weights.pop("lm_head.weight", None)

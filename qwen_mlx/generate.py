@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--quantized", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep quantized weights quantized (default on a GPU) or dequantize them to --dtype "
+                        "(default on a CPU, where MLX's quantized matmul is slow)")
     p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as is")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (keeps the KV cache)")
     p.add_argument("--verbose", "-v", action="store_true", help="print the formatted prompt and load details")
@@ -127,16 +130,17 @@ def main(argv: Optional[list] = None) -> None:
     p = build_parser()
     a = p.parse_args(argv)
     _check_args(p, a)
-    from .loader import load
+    from .loader import is_quantized, load
 
     try:
         if a.prompt == "-":
             a.prompt = sys.stdin.read()
         tic = time.perf_counter()
-        model, tokenizer = load(a.model, dtype=a.dtype)
-        dtype = model.model.embed_tokens.weight.dtype
+        model, tokenizer = load(a.model, dtype=a.dtype, quantized=a.quantized)
+        dtype = str(model.model.norm.weight.dtype).split(".")[-1]
         device = mx.default_device()
-        desc = f"{str(dtype).split('.')[-1]} on {device}" + (f", BLAS: {_blas.blas_name()}" if device == mx.cpu else "")
+        weights = "quantized weights" if is_quantized(model) else "dequantized weights"
+        desc = f"{dtype}, {weights}, {device}" + (f", BLAS: {_blas.blas_name()}" if device == mx.cpu else "")
         if a.verbose:
             print(f"loaded {a.model or 'the default model'} in {time.perf_counter() - tic:.1f} s ({desc})", file=sys.stderr)
         if a.chat:

@@ -11,10 +11,11 @@ so a GGUF [in, out] matrix is an [out, in] array, which is what mlx.nn.Linear
 wants. Qwen2 GGUFs keep q/k in Hugging Face's (NeoX RoPE) order: unlike
 llama's, llama.cpp's converter does not permute them, so nothing is undone here.
 
-`gguf_quantized_weights` keeps the quantized matrices quantized, repacked into
-MLX's affine format (w = scale * q + bias per group along the input dimension),
-exactly for the types whose blocks are affine groups of 32 (Q4_0, Q4_1, Q5_0,
-Q5_1, Q8_0, Q4_K, Q5_K); see docs/quantization.md for the others.
+`gguf_quantized_weights` keeps the quantized matrices quantized in MLX's affine
+format (w = scale * q + bias per group along the input dimension): repacked
+exactly for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K (groups of 32), Q3_K,
+IQ4_NL, IQ4_XS (8 bits) and TQ1_0/TQ2_0 (2 bits); re-quantized for Q6_K, Q2_K
+and the other IQ types (table REQUANT); see docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -388,6 +389,34 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     v = (q.reshape(rows, -1, 8).astype(np.uint64) << (np.arange(8, dtype=np.uint64) * np.uint64(bits))).sum(
         -1, dtype=np.uint64)  # 8 codes -> `bits` bytes
     return np.ascontiguousarray(v.view(np.uint8).reshape(rows, -1, 8)[..., :bits]).reshape(rows, -1).view(np.uint32)
+
+
+def unpack(w: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of `pack`: uint32 [rows, cols*bits/32] -> uint8 codes [rows, cols]."""
+    rows = w.shape[0]
+    b = np.ascontiguousarray(w).view(np.uint8).reshape(rows, -1, bits)
+    if bits == 8:
+        return b.reshape(rows, -1)
+    v = np.zeros(b.shape[:2] + (8,), np.uint8)
+    v[..., :bits] = b
+    v = v.view(np.uint64)  # [rows, n, 1]: 8 codes each
+    return ((v >> (np.arange(8, dtype=np.uint64) * np.uint64(bits))) & np.uint64((1 << bits) - 1)).astype(
+        np.uint8).reshape(rows, -1)
+
+
+def promote(weight: mx.array, scales: mx.array, biases: mx.array, bits: int, group: int, to_bits: int,
+            to_group: int) -> tuple[mx.array, mx.array, mx.array]:
+    """The same MLX affine-quantized matrix with more bits and/or smaller groups, exactly (every
+    `bits`-bit code is a `to_bits`-bit code; a group splits into groups sharing its scale and bias).
+    E.g. to concatenate q/k/v projections quantized differently: promote all to the most bits and
+    the smallest group."""
+    if to_bits < bits or group % to_group:
+        raise ValueError(f"cannot promote {bits}-bit group {group} to {to_bits}-bit group {to_group} exactly")
+    if (to_bits, to_group) == (bits, group):
+        return weight, scales, biases
+    q = pack(unpack(np.array(weight), bits), to_bits)
+    r = group // to_group
+    return mx.array(q), mx.repeat(scales, r, axis=-1), mx.repeat(biases, r, axis=-1)
 
 
 def affine_codes(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, bits: int) -> np.ndarray:

@@ -29,12 +29,17 @@ def resolve_dtype(dtype: Union[None, str, mx.Dtype]) -> mx.Dtype:
     return dtype
 
 
-def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] = None):
+def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] = None,
+         quantized: Optional[bool] = None):
     """Load a Qwen2 model and its tokenizer.
 
     path: a `.gguf` file, or a directory written by `python -m qwen_mlx.convert`
     (mlx-lm's layout). None means the default model (fetched on first use).
     dtype: "float32" | "float16" | "bfloat16"; None picks `default_dtype()`.
+    quantized: keep quantized weights quantized (MLX affine quantization; GGUF types
+    are repacked exactly where the formats allow, see docs/quantization.md) or
+    dequantize them to `dtype`. None: quantized on a GPU, dequantized on a CPU (MLX's
+    CPU quantized matmul is ~10x slower than its float32 path).
     Returns (model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper
     around a transformers tokenizer (encode / decode / apply_chat_template).
     """
@@ -44,35 +49,57 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
         path = default_model_path()
     path = Path(path)
     dtype = resolve_dtype(dtype)
+    quantized = mx.default_device() != mx.cpu if quantized is None else quantized
     if path.is_dir():
         config, weights, tokenizer = _read_directory(path)
+        if not quantized:
+            weights = _dequantize(weights, config.get("quantization") or {})
     else:
-        from .gguf import gguf_config, gguf_weights, open_gguf
+        from .gguf import gguf_config, gguf_quantized_weights, gguf_weights, open_gguf
         from .tokenizer import load_tokenizer
 
         reader = open_gguf(path)
         config = gguf_config(reader, path)
         tokenizer = load_tokenizer(reader)
-        weights = gguf_weights(reader, dtype, path)
+        if quantized:
+            weights, _ = gguf_quantized_weights(reader, dtype, path)
+        else:
+            weights = gguf_weights(reader, dtype, path)
     model = build_model(config, weights, dtype)
     return model, tokenizer
 
 
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
 def build_model(config: dict, weights: dict, dtype: mx.Dtype) -> Model:
-    """Instantiate `Model` from an HF-style config and checkpoint-named weights."""
+    """Instantiate `Model` from an HF-style config and checkpoint-named weights (quantized ones
+    as mlx-lm stores them: `X.weight` uint32, `X.scales`, `X.biases`)."""
     model = Model(ModelArgs.from_dict(config))
     weights = model.sanitize(dict(weights))
-    if q := config.get("quantization"):
-        def quantized(path, module):
-            if f"{path}.scales" not in weights:
-                return False
-            return q.get(path, True)
 
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], class_predicate=quantized)
+    def quantized(path, module):  # bits and group size follow from the shapes
+        if (scales := weights.get(f"{path}.scales")) is None:
+            return False
+        d = module.weight.shape[-1]
+        return {"group_size": d // scales.shape[-1], "bits": weights[f"{path}.weight"].shape[-1] * 32 // d}
+
+    nn.quantize(model, class_predicate=quantized)
     weights = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
+
+
+def _dequantize(weights: dict, q: dict) -> dict:
+    out = dict(weights)
+    for key in [k for k in weights if k.endswith(".scales")]:
+        p = key[: -len(".scales")]
+        fmt = q.get(p) if isinstance(q.get(p), dict) else q
+        out[f"{p}.weight"] = mx.dequantize(out[f"{p}.weight"], out.pop(key), out.pop(f"{p}.biases"),
+                                           group_size=fmt["group_size"], bits=fmt["bits"])
+    return out
 
 
 def _read_directory(path: Path):

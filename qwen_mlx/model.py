@@ -180,14 +180,31 @@ class Model(nn.Module):
             weights.pop("lm_head.weight", None)
         for i in range(self.args.num_hidden_layers):
             p = f"model.layers.{i}."
-            fuse = [("self_attn.qkv_proj", [f"self_attn.{n}_proj" for n in "qkv"]),
-                    ("mlp.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"])]
-            for fused, parts in fuse:
-                for suffix in ("weight", "scales", "biases"):
-                    if f"{p}{parts[0]}.{suffix}" in weights:
-                        weights[f"{p}{fused}.{suffix}"] = mx.concatenate(
-                            [weights.pop(f"{p}{n}.{suffix}") for n in parts], axis=0)
+            _fuse(weights, p, [f"self_attn.{n}_proj" for n in "qkv"], "self_attn.qkv_proj", self.args.hidden_size)
+            _fuse(weights, p, ["mlp.gate_proj", "mlp.up_proj"], "mlp.gate_up_proj", self.args.hidden_size)
             if f"{p}self_attn.q_proj.bias" in weights:
                 weights[f"{p}self_attn.qkv_bias"] = mx.concatenate(
                     [weights.pop(f"{p}self_attn.{n}_proj.bias") for n in "qkv"])
         return weights
+
+
+def _fuse(weights: dict, prefix: str, parts: list[str], fused: str, in_dims: int) -> None:
+    """Concatenate the output rows of `parts` into `fused`. Quantized parts stored in different
+    formats (e.g. q/k from Q5_0, v from Q8_0) are first re-expressed, exactly, in the most bits
+    and the smallest group among them."""
+    if f"{prefix}{parts[0]}.weight" not in weights:
+        return
+    ws = [weights.pop(f"{prefix}{n}.weight") for n in parts]
+    if f"{prefix}{parts[0]}.scales" not in weights:
+        weights[f"{prefix}{fused}.weight"] = mx.concatenate(ws, axis=0)
+        return
+    ss = [weights.pop(f"{prefix}{n}.scales") for n in parts]
+    bs = [weights.pop(f"{prefix}{n}.biases") for n in parts]
+    fmts = [(w.shape[-1] * 32 // in_dims, in_dims // s.shape[-1]) for w, s in zip(ws, ss)]
+    bits, group = max(f[0] for f in fmts), min(f[1] for f in fmts)
+    if any(f != (bits, group) for f in fmts):
+        from .gguf import promote
+
+        ws, ss, bs = zip(*(promote(w, s, b, fb, fg, bits, group) for w, s, b, (fb, fg) in zip(ws, ss, bs, fmts)))
+    for suffix, arrays in (("weight", ws), ("scales", ss), ("biases", bs)):
+        weights[f"{prefix}{fused}.{suffix}"] = mx.concatenate(arrays, axis=0)

@@ -355,3 +355,20 @@ def test_quantized_mixed_model_runs_in_mlx_lm(tiny_gguf):
     tokens = mx.array([[1, 5, 70, 200, 17, 3, 99]])
     a, b = model(tokens), ref(tokens)
     assert float(mx.abs(a - b).max() / mx.abs(b).max()) < 5e-3
+
+
+@pytest.mark.parametrize("bits,group,to_bits,to_group", [(4, 32, 8, 32), (5, 32, 8, 32), (4, 64, 4, 32),
+                                                         (2, 128, 6, 32), (3, 32, 5, 32), (8, 128, 8, 32)])
+def test_promote_is_exact(bits, group, to_bits, to_group):
+    from qwen_mlx.gguf import promote, unpack
+
+    w = mx.random.normal((16, 256), key=mx.random.key(bits))
+    q = mx.quantize(w, group, bits)
+    assert np.array_equal(pack(unpack(np.array(q[0]), bits), bits), np.array(q[0]))
+    p = promote(*q, bits, group, to_bits, to_group)
+    assert p[0].shape == (16, 256 * to_bits // 32)
+    a = mx.dequantize(*q, group_size=group, bits=bits)
+    b = mx.dequantize(*p, group_size=to_group, bits=to_bits)
+    assert mx.array_equal(a, b).item()
+    with pytest.raises(ValueError):
+        promote(*q, bits, group, bits - 1, group)

@@ -243,3 +243,17 @@ def test_model_with_kernels_matches_reference_path(dtype):
         clear = (top2[..., 1] - top2[..., 0]) > 2 * diff
         assert clear.mean() > 0.5
         assert (a.argmax(-1) == b.argmax(-1))[clear].all()
+
+
+def test_native_quantized_mixed_formats_match_dequantized(tiny_gguf):
+    """q/k (Q5_0) and v (Q8_0) in different formats are fused into one quantized matmul after an
+    exact re-expression at 8 bits; with float32 scales the repack of these types is exact, so the
+    logits equal the dequantized path's to float32 rounding."""
+    from qwen_mlx.loader import is_quantized
+
+    path = tiny_gguf(qtype="Q5_0", qtypes={"attn_v": "Q8_0", "ffn_down": "Q4_K", "ffn_up": "Q4_1"}, seed=5)
+    mq, _ = qwen_mlx.load(path, dtype="float32", quantized=True)
+    md, _ = qwen_mlx.load(path, dtype="float32", quantized=False)
+    assert is_quantized(mq) and not is_quantized(md)
+    toks = mx.array(np.random.default_rng().integers(0, 283, (2, 25)))
+    np.testing.assert_allclose(np.array(mq(toks)), np.array(md(toks)), atol=1e-4)
