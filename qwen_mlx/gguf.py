@@ -352,21 +352,22 @@ EXACT = {
     Q.Q5_K: (5, 32, _k_params),
     # 16-element sub-blocks, but every value is d (one per 256) times an integer k in [-124, 128]:
     # d * k = -d * (128 - k) + 128 d, exact as 8 bits.
-    Q.Q3_K: (8, 128, lambda b: (-_f16(b, 108), 128 * _f16(b, 108))),
+    Q.Q3_K: (8, 64, lambda b: (-_f16(b, 108), 128 * _f16(b, 108))),
     # d (per 32) times IQ4_NL's table of integers in [-127, 113]: exact as 8 bits.
     Q.IQ4_NL: (8, 32, lambda b: (_f16(b, 0), -128 * _f16(b, 0))),
     Q.IQ4_XS: (8, 32, _iq4xs_params),
     # Ternary: d * {-1, 0, 1} (TQ2_0 also 2), d per 256.
-    Q.TQ1_0: (2, 128, lambda b: (_f16(b, 52), -_f16(b, 52))),
-    Q.TQ2_0: (2, 128, lambda b: (_f16(b, 64), -_f16(b, 64))),
+    Q.TQ1_0: (2, 64, lambda b: (_f16(b, 52), -_f16(b, 52))),
+    Q.TQ2_0: (2, 64, lambda b: (_f16(b, 64), -_f16(b, 64))),
 }
 # Types re-quantized from their dequantized values (round to nearest on each group's min and max):
-# (bits, group_size), the smallest MLX format within ~1% relative RMS of the GGUF values (see
-# docs/quantization.md). Any other quantized type (IQ1_M, MXFP4, NVFP4) is dequantized.
+# (bits, group_size), within ~1% relative RMS of the GGUF values (see docs/quantization.md).
+# Any other quantized type (IQ1_M, MXFP4, NVFP4) is dequantized. Groups are at most 64: MLX
+# 0.32.4's CUDA quantized matmul fails on 8-bit group-128 float32 weights at prefill sizes.
 REQUANT = {
-    Q.Q6_K: (8, 128), Q.Q2_K: (6, 32),
-    Q.IQ2_XXS: (8, 128), Q.IQ2_XS: (8, 128), Q.IQ2_S: (8, 128),
-    Q.IQ3_XXS: (8, 128), Q.IQ3_S: (8, 128), Q.IQ1_S: (8, 128),
+    Q.Q6_K: (8, 64), Q.Q2_K: (6, 32),
+    Q.IQ2_XXS: (8, 64), Q.IQ2_XS: (8, 64), Q.IQ2_S: (8, 64),
+    Q.IQ3_XXS: (8, 64), Q.IQ3_S: (8, 64), Q.IQ1_S: (8, 64),
 }
 
 
