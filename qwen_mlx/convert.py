@@ -35,6 +35,7 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from .gguf import GGUFError, expected_shapes, gguf_config, gguf_quantized_weights, gguf_weights, open_gguf
+from .loader import CheckpointError, dequantize_weights, read_checkpoint
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 SHARD_BYTES = 5 << 30
@@ -112,28 +113,11 @@ def _read_hf(src: Path, dtype, requant, progress: bool):
     from transformers import AutoTokenizer
 
     try:
-        config = json.loads((src / "config.json").read_text())
-    except FileNotFoundError:
-        raise ConvertError(f"{src}: not a GGUF file or a Hugging Face model directory (no config.json)") from None
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{src / 'config.json'}: cannot read ({e})") from None
-    if config.get("model_type") != "qwen2":
-        raise ConvertError(f"{src}: model_type is {config.get('model_type')!r}, only 'qwen2' is supported")
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise ConvertError(f"{src}: no *.safetensors weights")
-    weights = {}
-    for f in files:
-        try:
-            weights.update(mx.load(str(f)))
-        except Exception as e:
-            raise ConvertError(f"{f}: cannot read safetensors ({e})") from None
+        config, weights = read_checkpoint(src)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
     if q := config.pop("quantization", None):  # an MLX directory: start from its values
-        for n in [n for n in weights if n.endswith(".scales")]:
-            m = n[: -len(".scales")]
-            p = q[m] if isinstance(q.get(m), dict) else q
-            weights[f"{m}.weight"] = mx.dequantize(weights[f"{m}.weight"], weights.pop(n), weights.pop(f"{m}.biases"),
-                                                   group_size=p["group_size"], bits=p["bits"])
+        weights = dequantize_weights(weights, q)
     if rp := config.pop("rope_parameters", None):  # transformers 5's spelling; mlx-lm reads the old one
         config.setdefault("rope_theta", rp.get("rope_theta", 1_000_000.0))
         if rp.get("rope_type", "default") != "default" and not config.get("rope_scaling"):

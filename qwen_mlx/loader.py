@@ -53,7 +53,7 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
     if path.is_dir():
         config, weights, tokenizer = _read_directory(path)
         if not quantized:
-            weights = _dequantize(weights, config.get("quantization") or {})
+            weights = dequantize_weights(weights, config.get("quantization") or {})
     else:
         from .gguf import gguf_config, gguf_quantized_weights, gguf_weights, open_gguf
         from .tokenizer import load_tokenizer
@@ -92,7 +92,35 @@ def build_model(config: dict, weights: dict, dtype: mx.Dtype) -> Model:
     return model
 
 
-def _dequantize(weights: dict, q: dict) -> dict:
+class CheckpointError(ValueError):
+    """A model directory that cannot be read; the message is one line naming the path."""
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """config.json and the *.safetensors weights of a Qwen2 directory (Hugging Face or mlx-lm)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a GGUF file or a model directory (no config.json)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: cannot read ({e})") from None
+    if config.get("model_type") != "qwen2":
+        raise CheckpointError(f"{path}: model_type is {config.get('model_type')!r}, only 'qwen2' is supported")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read safetensors ({e})") from None
+    return config, weights
+
+
+def dequantize_weights(weights: dict, q: dict) -> dict:
+    """Replace each quantized `X.weight`/`X.scales`/`X.biases` by the float `X.weight`, with the
+    format from mlx-lm's `quantization` config section (per-module entries override)."""
     out = dict(weights)
     for key in [k for k in weights if k.endswith(".scales")]:
         p = key[: -len(".scales")]
@@ -105,17 +133,6 @@ def _dequantize(weights: dict, q: dict) -> dict:
 def _read_directory(path: Path):
     from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
 
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
-    config = json.loads(config_file.read_text())
-    if config.get("model_type") != "qwen2":
-        raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, not 'qwen2'")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights")
-    weights = {}
-    for f in files:
-        weights.update(mx.load(str(f)))
+    config, weights = read_checkpoint(path)
     eos = config.get("eos_token_id")
     return config, weights, load_mlx_lm_tokenizer(path, eos_token_ids=eos if isinstance(eos, list) else None)
