@@ -5,14 +5,15 @@ The architecture: token embedding -> N x [RMSNorm -> grouped-query attention
 SwiGLU MLP -> residual add] -> RMSNorm -> output projection (tied to the
 embedding or not).
 
-Two choices shape the code:
+What shapes the code:
 - q/k/v and gate/up are fused projections (`qkv_proj`, `gate_up_proj`): one
   matmul each instead of three and two. `Model.sanitize` concatenates the
   separate checkpoint weights (mlx-lm / Hugging Face names) at load time.
 - The KV cache is mlx-lm's `KVCache` (preallocated in steps of 256 positions).
 - The hot elementwise work goes through `metal_kernels` (`K.*`): fused
   add+RMSNorm, bias+RoPE+head-split after the q/k/v matmul, SwiGLU. Each op
-  there is a hand-written Metal kernel on the GPU and plain MLX elsewhere.
+  has a hand-written Metal kernel, used on a GPU only where it measured faster
+  than the MLX ops it replaces (`metal_kernels.USE`), and a plain-MLX reference.
   To fuse each residual add with the norm after it, a block carries the
   residual stream as a pair (h, r) whose sum is the stream.
 - `tap(name, x)` marks the named stages a researcher can capture or replace
