@@ -114,10 +114,11 @@ def test_float32_cached_greedy_generation_reproduces_transformers(ours, referenc
 def test_bfloat16_first_16_tokens(default_model, references):
     """bfloat16 (8-bit mantissa, relative rounding 2^-9 per op) drifts from the float32
     reference; the first 16 greedy tokens (teacher-forced) agree on most prompts. What we
-    saw is in docs/architecture.md; this asserts at least 4 of the 6."""
+    saw is in docs/architecture.md; this asserts at least 4 of the 5 short prompts (the 400+
+    token one is left out: MLX's bfloat16 CPU matmul runs at ~6 GFLOP/s, minutes for it)."""
     model, _ = qwen_mlx.load(default_model, dtype="bfloat16")
     matches = []
-    for ids, new, _ in references:
+    for ids, new, _ in references[:5]:
         seq = ids + new[:16]
         logits = model(mx.array([seq]))[0, len(ids) - 1:-1]
         matches.append(int((np.array(mx.argmax(logits, -1)) == np.array(new[:16])).all()))
