@@ -35,9 +35,8 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from .gguf import GGUFError, expected_shapes, gguf_config, gguf_quantized_weights, gguf_weights, open_gguf
-from .loader import CheckpointError, dequantize_weights, read_checkpoint
+from .loader import DTYPES, CheckpointError, dequantize_weights, read_checkpoint
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 SHARD_BYTES = 5 << 30
 
 
