@@ -40,8 +40,8 @@ def qkv_post(qkv: mx.array, bias: mx.array, n_heads: int, n_kv_heads: int, offse
     B, L, _ = qkv.shape
     nh = n_heads + 2 * n_kv_heads
     h = (qkv + bias.astype(qkv.dtype)).reshape(B, L, nh, -1).transpose(0, 2, 1, 3)
-    q, k, v = h[:, :n_heads], h[:, n_heads:n_heads + n_kv_heads], h[:, n_heads + n_kv_heads:]
-    return rope(q, offset, base, freqs, mscale), rope(k, offset, base, freqs, mscale), v
+    qk = rope(h[:, :n_heads + n_kv_heads], offset, base, freqs, mscale)  # one launch for q and k
+    return qk[:, :n_heads], qk[:, n_heads:], h[:, n_heads + n_kv_heads:]
 
 
 @mx.compile

@@ -1,0 +1,111 @@
+"""Where a decoded token's time goes: graph building (Python), encoding (MLX host), GPU wait.
+
+    python scripts/probe_decode.py --geometry 0.5B --quant bf16
+
+Variants: mlx_lm (its qwen2 model), ours (qwen_mlx as shipped), ours_kernels (qwen_mlx with every
+metal_kernels kernel forced on). Per step, run synchronously:
+build = time to build the graph of one step in Python, encode = time of mx.async_eval on it (MLX's
+host-side encoding and launch), wait = mx.synchronize after. Then tok/s of the pipelined loop (one
+step in flight, as generate_step runs it). Best of --repeats, variants alternated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import qwen_mlx  # noqa: E402,F401
+import mlx.core as mx  # noqa: E402
+from mlx_lm.models.cache import KVCache  # noqa: E402
+
+import bench  # noqa: E402  (scripts/bench.py: random model pairs)
+
+
+def mlx_lm_step(model):
+    def step(y, cache):
+        return mx.argmax(model(y[None], cache=cache)[:, -1, :], axis=-1)
+    return step, lambda: [KVCache() for _ in model.layers]
+
+
+def ours_step(model, kernels: str = "auto"):
+    import metal_kernels as K
+    from qwen_mlx.generation import log_softmax
+
+    def step(y, cache):  # generate_step's step, greedy
+        K.set_backend(kernels)
+        logits = model(y[None], cache=cache, last_only=True)[:, -1, :]
+        return mx.argmax(log_softmax(logits), axis=-1)
+    return step, model.make_cache
+
+
+def run(step, make_cache, n_prompt: int, n_gen: int) -> dict:
+    cache = make_cache()
+    y = mx.random.randint(0, 151000, (n_prompt,)).astype(mx.uint32)
+    y = step(y, cache)
+    mx.eval(y)
+    y = step(y, cache)  # one decode step unmeasured
+    mx.eval(y)
+    # decomposition, synchronous steps
+    tb = te = tw = 0.0
+    n = 32
+    for _ in range(n):
+        t0 = time.perf_counter()
+        y = step(y, cache)
+        t1 = time.perf_counter()
+        mx.async_eval(y)
+        t2 = time.perf_counter()
+        mx.synchronize()
+        t3 = time.perf_counter()
+        tb, te, tw = tb + t1 - t0, te + t2 - t1, tw + t3 - t2
+    # pipelined loop
+    mx.synchronize()
+    tic = time.perf_counter()
+    mx.async_eval(y)
+    for i in range(n_gen):
+        nxt = step(y, cache)
+        mx.async_eval(nxt)
+        y.item()
+        y = nxt
+    y.item()
+    dt = time.perf_counter() - tic
+    return dict(build_us=tb / n * 1e6, encode_us=te / n * 1e6, wait_us=tw / n * 1e6, tps=n_gen / dt)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--geometry", default="0.5B")
+    p.add_argument("--quant", default="bf16")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--gen", type=int, default=256)
+    p.add_argument("--variants", default="mlx_lm,ours")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    ours, ref = bench.pair_from_random(a.geometry, a.quant)
+    makers = {"mlx_lm": lambda: mlx_lm_step(ref), "ours": lambda: ours_step(ours),
+              "ours_kernels": lambda: ours_step(ours, "kernels")}
+    res = {}
+    for _ in range(a.repeats):
+        for v in a.variants.split(","):
+            try:
+                r = run(*makers[v](), a.prompt, a.gen)
+            except Exception as e:  # noqa: BLE001
+                print(f"{v}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            best = res.get(v)
+            if best is None or r["tps"] > best["tps"]:
+                res[v] = r
+    for v, r in res.items():
+        print(f"{a.geometry} {a.quant} {v:11} build {r['build_us']:7.0f} us  encode {r['encode_us']:7.0f} us"
+              f"  wait {r['wait_us']:7.0f} us  | pipelined {r['tps']:7.1f} tok/s", flush=True)
+    if "mlx_lm" in res:
+        print("  ratios over mlx_lm: " + ", ".join(f"{v} {r['tps'] / res['mlx_lm']['tps']:.2f}x"
+                                                  for v, r in res.items() if v != "mlx_lm"), flush=True)
+    print(json.dumps(dict(geometry=a.geometry, quant=a.quant, prompt=a.prompt, gen=a.gen, res=res)))
+
+
+if __name__ == "__main__":
+    main()
