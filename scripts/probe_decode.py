@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qwen_mlx  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
-from mlx_lm.models.cache import KVCache  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 import bench  # noqa: E402  (scripts/bench.py: random model pairs)
 
@@ -28,15 +28,16 @@ import bench  # noqa: E402  (scripts/bench.py: random model pairs)
 def mlx_lm_step(model):
     def step(y, cache):
         return mx.argmax(model(y[None], cache=cache)[:, -1, :], axis=-1)
-    return step, lambda: [KVCache() for _ in model.layers]
+    return step, lambda: make_prompt_cache(model)
 
 
 def ours_step(model, kernels: str = "auto"):
     import metal_kernels as K
     from qwen_mlx.generation import log_softmax
 
+    K.set_backend(kernels)  # for the run that follows (variants alternate)
+
     def step(y, cache):  # generate_step's step, greedy
-        K.set_backend(kernels)
         logits = model(y[None], cache=cache, last_only=True)[:, -1, :]
         return mx.argmax(log_softmax(logits), axis=-1)
     return step, model.make_cache
@@ -65,7 +66,7 @@ def run(step, make_cache, n_prompt: int, n_gen: int) -> dict:
     mx.synchronize()
     tic = time.perf_counter()
     mx.async_eval(y)
-    for i in range(n_gen):
+    for _ in range(n_gen):
         nxt = step(y, cache)
         mx.async_eval(nxt)
         y.item()
