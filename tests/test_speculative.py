@@ -285,3 +285,50 @@ def test_a_broken_residual_fails_the_distribution_check(peaked, case, monkeypatc
     monkeypatch.setattr(speculative, "residual", lambda p, q: p)
     p = chi2_pvalue(target, tok, prompt, exact, **kw)
     assert p < ALPHA, f"{case}: the broken residual passed the check (p = {p:.2e})"
+
+
+# ---- the real model (greedy, float32) -------------------------------------------------------
+
+EDIT_CODE = '''def moving_average(values, window):
+    """Return the moving averages of `values` over `window` items."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    result = []
+    total = 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            result.append(total / window)
+    return result
+'''
+
+
+@pytest.fixture(scope="module")
+def real(default_model):
+    return qwen_mlx.load(default_model, dtype="float32")
+
+
+def real_prompt_ids(tok, prompt, chat):
+    return tok.apply_chat_template(prompt, add_generation_prompt=True) if chat else tok.encode(prompt, add_special_tokens=False)
+
+
+@pytest.mark.real_model
+def test_real_model_greedy_speculative_equals_plain(real):
+    """The default model in float32: prompt lookup over the reference prompts and a code-editing
+    prompt, and the model drafting itself, give plain greedy decoding's tokens exactly."""
+    from test_real_model import PROMPTS as REFERENCE
+
+    model, tok = real
+    edit = [{"role": "user", "content": "Rename `total` to `running_sum` in this function and reply with the whole "
+                                        "function in one code block:\n\n```python\n" + EDIT_CODE + "```"}]
+    cases = [(real_prompt_ids(tok, p, chat), 24) for p, chat in REFERENCE] + [(real_prompt_ids(tok, edit, True), 96)]
+    for i, (ids, n) in enumerate(cases):
+        plain = tokens(model, tok, ids, max_tokens=n)
+        rs = list(stream_generate(model, tok, ids, max_tokens=n, prompt_lookup=3, num_draft_tokens=10))
+        assert [r.token for r in rs] == plain, f"prompt {i}"
+        if i == len(cases) - 1:  # the edit repeats the function: most of it comes from lookup
+            assert rs[-1].generation_tokens / rs[-1].spec_forwards > 2.5, rs[-1]
+        if i < 2:
+            assert tokens(model, tok, ids, max_tokens=n, draft_model=model, num_draft_tokens=3) == plain, f"prompt {i}"
