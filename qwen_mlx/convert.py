@@ -34,8 +34,9 @@ from typing import Optional, Union
 
 import mlx.core as mx
 
-from .gguf import GGUFError, expected_shapes, gguf_config, gguf_quantized_weights, gguf_weights, open_gguf
-from .loader import DTYPES, CheckpointError, dequantize_weights, read_checkpoint
+from .gguf import GGUFError, expected_shapes, field, gguf_config, gguf_quantized_weights, gguf_weights, open_gguf
+from .loader import DTYPES, CheckpointError, read_checkpoint
+from .quant import dequantize_weights
 
 SHARD_BYTES = 5 << 30
 
@@ -91,15 +92,15 @@ def _read_gguf(src: Path, dtype, requant, dequantize: bool, progress: bool):
     from .tokenizer import load_tokenizer
 
     reader = open_gguf(src)
-    config = gguf_config(reader, src)
+    config = gguf_config(reader)
     tokenizer = load_tokenizer(reader)._tokenizer
     if dequantize:
-        weights = gguf_weights(reader, mx.float32 if requant else dtype, src, progress=progress)
+        weights = gguf_weights(reader, mx.float32 if requant else dtype, progress=progress)
         quantization = _quantize(weights, *requant, dtype, progress) if requant else None
     else:
-        weights, quantization = gguf_quantized_weights(reader, dtype, src, requant=requant, progress=progress)
-    ids = {k: reader.fields[f"tokenizer.ggml.{k}_token_id"].contents()
-           for k in ("bos", "eos", "padding") if f"tokenizer.ggml.{k}_token_id" in reader.fields}
+        weights, quantization = gguf_quantized_weights(reader, dtype, requant=requant, progress=progress)
+    ids = {k: v for k in ("bos", "eos", "padding")
+           if (v := field(reader, f"tokenizer.ggml.{k}_token_id", None)) is not None}
     eos = [ids["eos"]] if "eos" in ids else []
     eos += [i for i in [tokenizer.convert_tokens_to_ids("<|endoftext|>")] if isinstance(i, int) and i not in eos]
     generation = {k: v for k, v in (("bos_token_id", ids.get("bos")), ("pad_token_id", ids.get("padding")),

@@ -32,6 +32,8 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 import metal_kernels as K
 
+from .quant import promote
+
 # Set by qwen_mlx.research while capturing: a callable (name, array) -> array.
 TAP = None
 
@@ -75,6 +77,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, args.hidden_size, bias=False)
         rope = initialize_rope(d, args.rope_theta, False, args.rope_scaling, args.max_position_embeddings)
         # What K.qkv_post needs to reproduce `rope`: the base, or YaRN's frequencies and input scale.
+        # `_freqs` is mlx-lm's private name (version bounded in pyproject.toml, checked by
+        # tests/test_private_names.py).
         if not isinstance(rope, nn.RoPE) and not hasattr(rope, "_freqs"):
             raise ValueError(f"unsupported rope_scaling {args.rope_scaling}")
         self._rope = {"base": getattr(rope, "base", None), "freqs": getattr(rope, "_freqs", None),
@@ -204,8 +208,6 @@ def _fuse(weights: dict, prefix: str, parts: list[str], fused: str, in_dims: int
     fmts = [(w.shape[-1] * 32 // in_dims, in_dims // s.shape[-1]) for w, s in zip(ws, ss)]
     bits, group = max(f[0] for f in fmts), min(f[1] for f in fmts)
     if any(f != (bits, group) for f in fmts):
-        from .gguf import promote
-
         ws, ss, bs = zip(*(promote(w, s, b, fb, fg, bits, group) for w, s, b, (fb, fg) in zip(ws, ss, bs, fmts)))
     for suffix, arrays in (("weight", ws), ("scales", ss), ("biases", bs)):
         weights[f"{prefix}{fused}.{suffix}"] = mx.concatenate(arrays, axis=0)

@@ -21,6 +21,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT
 
+from .gguf import field, path_of
+
 # Values of tokenizer.ggml.pre that name Qwen2's split regex (None: older files without the key).
 QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", None}
 _CONTROL, _USER_DEFINED = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
@@ -51,17 +53,16 @@ class QwenStreamingDetokenizer(BPEStreamingDetokenizer):
         self._unflushed = ""
 
 
-def _field(reader: gguf.GGUFReader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
 def load_tokenizer(source: gguf.GGUFReader | str | os.PathLike) -> TokenizerWrapper:
     """The tokenizer of a GGUF file (a path or an open `gguf.GGUFReader`); reads metadata only."""
     reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(source)
-    name = getattr(reader.data, "filename", None) or str(source)
-    kind, pre = _field(reader, "tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre")
-    tokens, merges = _field(reader, "tokenizer.ggml.tokens"), _field(reader, "tokenizer.ggml.merges")
+    name = path_of(reader)
+
+    def _field(key, default=None):
+        return field(reader, key, default)
+
+    kind, pre = _field("tokenizer.ggml.model"), _field("tokenizer.ggml.pre")
+    tokens, merges = _field("tokenizer.ggml.tokens"), _field("tokenizer.ggml.merges")
     if kind is None or tokens is None:
         raise TokenizerLoadError(f"{name}: no tokenizer in this GGUF (tokenizer.ggml.model/tokens missing)")
     if kind != "gpt2":
@@ -71,7 +72,7 @@ def load_tokenizer(source: gguf.GGUFReader | str | os.PathLike) -> TokenizerWrap
         raise TokenizerLoadError(f"{name}: byte-level BPE tokenizer without tokenizer.ggml.merges")
     if pre not in QWEN2_PRE:
         raise TokenizerLoadError(f"{name}: unsupported pre-tokenizer tokenizer.ggml.pre={pre!r}; expected 'qwen2'")
-    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = _field("tokenizer.ggml.token_type") or [1] * len(tokens)
 
     bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ", 1)) for m in merges],
                      dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False)
@@ -87,14 +88,14 @@ def load_tokenizer(source: gguf.GGUFReader | str | os.PathLike) -> TokenizerWrap
                    for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)])
 
     def token(key):
-        i = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        i = _field(f"tokenizer.ggml.{key}_token_id")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tk, chat_template=_field(reader, "tokenizer.chat_template"),
+        tokenizer_object=tk, chat_template=_field("tokenizer.chat_template"),
         bos_token=token("bos"), eos_token=token("eos"), pad_token=token("padding"), unk_token=token("unknown"),
-        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        add_eos_token=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        add_bos_token=bool(_field("tokenizer.ggml.add_bos_token", False)),
+        add_eos_token=bool(_field("tokenizer.ggml.add_eos_token", False)),
         clean_up_tokenization_spaces=False,
         # no model_max_length: the generation loop checks the context (transformers would only warn)
     )
