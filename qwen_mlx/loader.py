@@ -42,7 +42,8 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
     dequantize them to `dtype`. None: quantized on a GPU, dequantized on a CPU (MLX's
     CPU quantized matmul is ~10x slower than its float32 path).
     Returns (model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper
-    around a transformers tokenizer (encode / decode / apply_chat_template).
+    around a transformers tokenizer (encode / decode / apply_chat_template), built
+    the same way for both sources (`qwen_mlx.tokenizer.load_tokenizer`).
     """
     if path is None:
         from .fetch import default_model_path
@@ -120,8 +121,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
 
 
 def _read_directory(path: Path):
-    from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
+    from .tokenizer import load_tokenizer
 
     config, weights = read_checkpoint(path)
-    eos = config.get("eos_token_id")
-    return config, weights, load_mlx_lm_tokenizer(path, eos_token_ids=eos if isinstance(eos, list) else None)
+    return config, weights, load_tokenizer(path)
