@@ -36,7 +36,7 @@ _CONTROL, _USER_DEFINED = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_D
 
 
 class TokenizerLoadError(ValueError):
-    """The GGUF has no tokenizer, or one this module cannot build."""
+    """The GGUF or directory has no tokenizer, or one this module cannot build (one line, names the path)."""
 
 
 _BYTE_OF = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE alphabet -> byte
