@@ -169,6 +169,7 @@ def main(argv=None):
     p.add_argument("--chat-max-tokens", type=int, default=96)
     p.add_argument("--target", help="mlx-lm case: converted target directory")
     p.add_argument("--draft", help="mlx-lm case: converted draft directory")
+    p.add_argument("--mlx-lm-prompts", type=int, default=2, help="mlx-lm case: 1 = the code-editing prompt only")
     p.add_argument("--dtype", default=None)
     a = p.parse_args(argv)
     cases = a.cases.split(",")
@@ -201,7 +202,7 @@ def main(argv=None):
         m, t = qwen_mlx.load(a.target, dtype=a.dtype)
         d = load_draft(a.draft, m, t, dtype=a.dtype)
         k = a.draft_tokens
-        for label, text, mt in [("code editing", CODE_PROMPT, a.code_max_tokens), ("chat", CHAT_PROMPTS[0], a.chat_max_tokens)]:
+        for label, text, mt in [("code editing", CODE_PROMPT, a.code_max_tokens), ("chat", CHAT_PROMPTS[0], a.chat_max_tokens)][:a.mlx_lm_prompts]:
             ids = chat_ids(t, text)
             bench(f"{label} vs mlx-lm, draft model, k={k}, greedy", {
                 "mlx-lm draft": mlx_lm_run(m_ref, t_ref, ids, mt, draft_model=d_ref, num_draft_tokens=k),
