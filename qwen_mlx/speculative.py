@@ -92,8 +92,9 @@ def load_draft(path: Union[str, Path], model, tokenizer, dtype=None, quantized=N
 
 
 def _prefill(model, cache, ids: list[int], step: int) -> None:
-    for i in range(0, len(ids), step):  # only the cache is needed: skip the output projection
-        mx.eval(model(mx.array(ids[i:i + step], mx.uint32)[None], cache=cache, last_only=True), [c.state for c in cache])
+    for i in range(0, len(ids), step):  # only the cache is evaluated: the rest of the graph never runs
+        model(mx.array(ids[i:i + step], mx.uint32)[None], cache=cache)
+        mx.eval([c.state for c in cache])
         mx.clear_cache()
 
 
