@@ -197,12 +197,16 @@ def speculative_generate_step(
             dpos = len(seq) - 1
 
     emitted = 0
+    # Lookup proposals are as long as the last lookup round earned: a miss at position j makes the
+    # next lookup propose j + 1 tokens, a full match doubles it (up to num_draft_tokens). Failed
+    # lookups (frequent in free text) then verify 1-2 tokens, not num_draft_tokens + 1.
+    look_k = num_draft_tokens
     try:
         while emitted < max_tokens:
             k = min(num_draft_tokens, max_tokens - emitted - 1)
             props, dtoks, qlog = [], None, None
             if lookup is not None and k > 0:
-                props = lookup.propose(seq, k)
+                props = lookup.propose(seq, min(k, look_k))
                 if props:
                     stats.lookup_rounds += 1
                     dtoks = mx.array(props, mx.uint32)
@@ -228,6 +232,8 @@ def speculative_generate_step(
                 n, new = _accept(lp, dtoks, qlog, kk, temperature, top_p, top_k, min_p)
             stats.proposed += kk
             stats.accepted += n
+            if props:  # a lookup round: adapt the next one's length
+                look_k = min(num_draft_tokens, 2 * look_k) if n == kk else n + 1
             stats.forwards += 1
             trim_prompt_cache(tcache, kk - n)  # the target holds seq[-1] and the accepted proposals
             seq.extend(new)
