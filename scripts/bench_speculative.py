@@ -197,10 +197,11 @@ def main(argv=None):
 
         if not (a.target and a.draft):
             p.error("the mlx-lm case needs --target DIR and --draft DIR (python -m qwen_mlx.convert)")
+        same = Path(a.draft).resolve() == Path(a.target).resolve()  # a model drafting itself: load it once
         m_ref, t_ref = mlx_lm.load(a.target)
-        d_ref, _ = mlx_lm.load(a.draft)
+        d_ref = m_ref if same else mlx_lm.load(a.draft)[0]
         m, t = qwen_mlx.load(a.target, dtype=a.dtype)
-        d = load_draft(a.draft, m, t, dtype=a.dtype)
+        d = m if same else load_draft(a.draft, m, t, dtype=a.dtype)
         k = a.draft_tokens
         for label, text, mt in [("code editing", CODE_PROMPT, a.code_max_tokens), ("chat", CHAT_PROMPTS[0], a.chat_max_tokens)][:a.mlx_lm_prompts]:
             ids = chat_ids(t, text)
