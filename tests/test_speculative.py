@@ -323,12 +323,12 @@ def test_real_model_greedy_speculative_equals_plain(real):
     model, tok = real
     edit = [{"role": "user", "content": "Rename `total` to `running_sum` in this function and reply with the whole "
                                         "function in one code block:\n\n```python\n" + EDIT_CODE + "```"}]
-    cases = [(real_prompt_ids(tok, p, chat), 24) for p, chat in REFERENCE] + [(real_prompt_ids(tok, edit, True), 96)]
+    cases = [(real_prompt_ids(tok, p, chat), 16) for p, chat in REFERENCE] + [(real_prompt_ids(tok, edit, True), 80)]
     for i, (ids, n) in enumerate(cases):
         plain = tokens(model, tok, ids, max_tokens=n)
         rs = list(stream_generate(model, tok, ids, max_tokens=n, prompt_lookup=3, num_draft_tokens=10))
         assert [r.token for r in rs] == plain, f"prompt {i}"
         if i == len(cases) - 1:  # the edit repeats the function: most of it comes from lookup
             assert rs[-1].generation_tokens / rs[-1].spec_forwards > 2.5, rs[-1]
-        if i < 2:
+        if i in (1, len(cases) - 1):  # a chat answer and the edit
             assert tokens(model, tok, ids, max_tokens=n, draft_model=model, num_draft_tokens=3) == plain, f"prompt {i}"
