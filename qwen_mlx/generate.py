@@ -2,8 +2,10 @@
 
 Applies the model's chat template (unless --ignore-chat-template), streams the
 answer to stdout and the speed/memory stats to stderr; `--chat` is a multi-turn
-session that keeps its KV cache between turns. Errors are one line, exit code 1
-(2 for bad flags).
+session that keeps its KV cache between turns. `--kv-bits` / `--max-kv-size` pick a quantized or
+rotating KV cache and `--prompt-cache-file` continues from a cache written by
+`python -m qwen_mlx.cache_prompt` (see there for how the chat template applies). Errors are one
+line, exit code 1 (2 for bad flags).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Optional
 from . import _blas
 import mlx.core as mx
 
+from .cache_prompt import add_kv_arguments, kv_flags_given, kv_options, prompt_ids
 from .generation import GenerationResponse, stream_generate
+from .kv_cache import new_cache
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as is")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (keeps the KV cache)")
     p.add_argument("--verbose", "-v", action="store_true", help="print the formatted prompt and load details")
+    add_kv_arguments(p)
+    p.add_argument("--prompt-cache-file", default=None, help="continue from a prompt cache written by "
+                   "qwen_mlx.cache_prompt; --prompt is then the continuation of the cached prompt")
     return p
 
 
@@ -65,11 +72,17 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--repetition-penalty must be > 0")
     if a.chat and a.prompt is not None:
         p.error("--chat and --prompt are exclusive")
+    a.kv = kv_options(p, a)
+    if a.prompt_cache_file and (a.chat or a.system is not None or a.ignore_chat_template):
+        p.error("--prompt-cache-file takes its system message and chat-template use from the file "
+                "(not with --chat, --system or --ignore-chat-template)")
 
 
 def _sampling(a) -> dict:
     return dict(temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                repetition_penalty=a.repetition_penalty, stop=a.stop)
+                repetition_penalty=a.repetition_penalty, stop=a.stop, kv_bits=a.kv.kv_bits,
+                kv_group_size=a.kv.kv_group_size, quantized_kv_start=a.kv.quantized_kv_start,
+                max_kv_size=a.kv.max_kv_size)
 
 
 def _format(tokenizer, messages: list, ignore_template: bool) -> list[int]:
@@ -100,7 +113,7 @@ def _chat(model, tokenizer, a, desc) -> None:
     whole conversation is re-rendered and only the tokens past the longest
     common prefix with what the cache holds are fed (the cache is trimmed back
     where the re-rendered text tokenizes differently)."""
-    cache, cached = model.make_cache(), []
+    cache, cached = new_cache(model, a.kv), []
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print("qwen-mlx chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -114,6 +127,8 @@ def _chat(model, tokenizer, a, desc) -> None:
         ids = _format(tokenizer, messages, a.ignore_chat_template)
         common = next((i for i, (x, y) in enumerate(zip(cached, ids)) if x != y), min(len(cached), len(ids)))
         common = min(common, len(ids) - 1)  # feed at least one token
+        if common < cache[0].offset and not all(c.is_trimmable() for c in cache):  # a full rotating window
+            cache[:], common = new_cache(model, a.kv), 0
         for c in cache:
             c.trim(c.offset - common)
         try:
@@ -124,6 +139,20 @@ def _chat(model, tokenizer, a, desc) -> None:
             continue
         cached = ids + out[:-1]  # the last sampled token was never fed to the model
         messages.append({"role": "assistant", "content": reply})
+
+
+def _from_prompt_cache(model, tokenizer, a) -> tuple[list[int], argparse.Namespace, list]:
+    """The prompt's tokens after the cache from --prompt-cache-file, the args (KV settings from the
+    file), the cache (see qwen_mlx.cache_prompt)."""
+    from .kv_cache import continuation, load_prompt_cache_file
+
+    cache, cached, kv, meta = load_prompt_cache_file(a.prompt_cache_file, model, tokenizer)
+    if kv_flags_given(a) and a.kv != kv:
+        raise ValueError(f"{a.prompt_cache_file}: made with KV settings {kv}, the flags ask for {a.kv}")
+    a.kv = kv
+    ids = prompt_ids(tokenizer, meta["prompt"] + (a.prompt or ""), meta["system"] or None,
+                     meta["template"] == "chat", open_turn=False)
+    return continuation(cached, ids, a.prompt_cache_file), a, cache
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -145,6 +174,9 @@ def main(argv: Optional[list] = None) -> None:
             print(f"loaded {a.model or 'the default model'} in {time.perf_counter() - tic:.1f} s ({desc})", file=sys.stderr)
         if a.chat:
             return _chat(model, tokenizer, a, desc)
+        if a.prompt_cache_file:
+            _run_turn(model, tokenizer, *_from_prompt_cache(model, tokenizer, a), desc)
+            return
         if a.prompt is None:
             a.prompt = "Write a Python function that checks whether a number is prime."
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
