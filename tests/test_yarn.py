@@ -38,11 +38,13 @@ def hf_qwen2(cfg: dict, weights: dict, dtype=torch.float32):
     return model
 
 
-def test_yarn_from_gguf_matches_transformers_at_4x_the_original_context(tiny_gguf):
-    """float32 on both sides, 2 layers, logits of magnitude ~1: the differences are summation
+@pytest.mark.parametrize("betas", [None, (16.0, 2.0)])
+def test_yarn_from_gguf_matches_transformers_at_4x_the_original_context(tiny_gguf, betas):
+    """The GGUF's qwen2.rope.scaling.{type,factor,original_context_length,yarn_beta_fast,
+    yarn_beta_slow} read by our loader; transformers' config written out here. float32 on both sides, 2 layers, logits of magnitude ~1: the differences are summation
     order and RoPE angles (positions < 512: float32 angle error < 512 * 2^-24 rad), ~1e-6; 1e-4
     absolute leaves two orders of margin. Plain RoPE differs by ~1e-1 past position 128."""
-    path = tiny_gguf(qtype="F32", yarn_factor=4.0, seed=7, context=512)
+    path = tiny_gguf(qtype="F32", yarn_factor=4.0, yarn_betas=betas, seed=7, context=512)
     model, _ = qwen_mlx.load(path, dtype="float32")
     cfg = gguf_config(open_gguf(path))
     assert cfg["rope_scaling"]["original_max_position_embeddings"] == 128 and _context_length(model) == 512
@@ -50,7 +52,11 @@ def test_yarn_from_gguf_matches_transformers_at_4x_the_original_context(tiny_ggu
     toks = np.random.default_rng(7).integers(0, 283, 500)
     ours = np.array(model(mx.array(toks[None]))[0])
     # transformers' config written out here, not taken from our GGUF reader
-    hf_cfg = dict(cfg, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    if betas:
+        assert (cfg["rope_scaling"]["beta_fast"], cfg["rope_scaling"]["beta_slow"]) == betas
+        scaling.update(beta_fast=betas[0], beta_slow=betas[1])
+    hf_cfg = dict(cfg, rope_scaling=scaling)
     with torch.no_grad():
         ref = hf_qwen2(hf_cfg, weights)(torch.tensor(toks[None])).logits[0].numpy()
         plain = hf_qwen2(dict(cfg, rope_scaling=None), weights)(torch.tensor(toks[None])).logits[0].numpy()
