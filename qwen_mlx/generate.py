@@ -17,6 +17,7 @@ from . import _blas
 import mlx.core as mx
 
 from .generation import GenerationResponse, stream_generate
+from .infill import INFILL_STOPS, infill_prompt
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Q4_K_M, downloaded on first use)")
     p.add_argument("--prompt", "-p", default=None, help="prompt text ('-' reads stdin)")
     p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--suffix", default=None, help="code infill: the prompt is the code before the gap, this the "
+                   "code after it; prints the middle (Qwen2.5-Coder's fill-in-the-middle tokens)")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -65,6 +68,8 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--repetition-penalty must be > 0")
     if a.chat and a.prompt is not None:
         p.error("--chat and --prompt are exclusive")
+    if a.suffix is not None and (a.chat or a.prompt is None):
+        p.error("--suffix needs --prompt (the code before the gap) and no --chat")
 
 
 def _sampling(a) -> dict:
@@ -149,7 +154,10 @@ def main(argv: Optional[list] = None) -> None:
             a.prompt = "Write a Python function that checks whether a number is prime."
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": a.prompt}]
-        ids = _format(tokenizer, messages, a.ignore_chat_template)
+        if a.suffix is not None:
+            ids, a.stop = infill_prompt(tokenizer, a.prompt, a.suffix), a.stop + list(INFILL_STOPS)
+        else:
+            ids = _format(tokenizer, messages, a.ignore_chat_template)
         if a.verbose:
             print(tokenizer.decode(ids), file=sys.stderr)
         _run_turn(model, tokenizer, ids, a, None, desc)
