@@ -2,7 +2,8 @@
 
 Applies the model's chat template (unless --ignore-chat-template), streams the
 answer to stdout and the speed/memory stats to stderr; `--chat` is a multi-turn
-session that keeps its KV cache between turns. Errors are one line, exit code 1
+session that keeps its KV cache between turns; `--suffix` fills the gap between
+--prompt and it (code infill, `infill.py`). Errors are one line, exit code 1
 (2 for bad flags).
 """
 

@@ -62,7 +62,7 @@ class Scheduler:
         self._load, self._make_engine, self.prompt_cache = load, make_engine, prompt_cache
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.jobs: dict[int, Job] = {}
-        self.stats = {"completed": 0, "cancelled": 0, "failed": 0}
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "peak_batch": 0}
         self.ready = threading.Event()
         self.error: Optional[BaseException] = None
         self.model = self.tokenizer = self.engine = None
@@ -98,7 +98,9 @@ class Scheduler:
                 if not self._take_messages(block=not self.engine.has_work()):
                     return
                 if self.engine.has_work():
-                    for r in self.engine.step():
+                    responses = self.engine.step()
+                    self.stats["peak_batch"] = max(self.stats["peak_batch"], len(responses))
+                    for r in responses:
                         self._deliver(r)
             except Exception:  # a bug, not bad input (that is refused before it gets here)
                 log.exception("generation failed; failing the requests in flight")
@@ -120,7 +122,11 @@ class Scheduler:
                 return False
             if kind == "add" and not job.cancelled:
                 cache, rest, job.cached = self.prompt_cache.fetch(job.req.prompt)
-                job.uid = self.engine.insert(rest, cache=cache, return_cache=True, **job.req.sampling)
+                try:
+                    job.uid = self.engine.insert(rest, cache=cache, return_cache=True, **job.req.sampling)
+                except ValueError as e:  # the engine's own checks (the handler's should catch it first)
+                    job.emit(APIError(str(e)))
+                    continue
                 self.jobs[job.uid] = job
             elif kind == "cancel" and self.jobs.get(job.uid) is job:
                 self.engine.remove(job.uid)

@@ -392,3 +392,68 @@ def test_chat_page_streams_in_headless_chromium(tiny_server):
     want = tiny_server.client().chat.completions.create(model="m", messages=MSGS[0]).choices[0].message.content
     assert shown == want and len(want) > 0
     assert updates >= 4  # user bubble, assistant bubble, then text that grew chunk by chunk
+
+
+# ---- the real default model ----
+
+REAL_PROMPT = "Write a Python function that reverses a string."
+REAL_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def real_server(default_model, tmp_path_factory):
+    s = Server(default_model, "--max-tokens", str(REAL_TOKENS), log_dir=tmp_path_factory.mktemp("logs"), timeout=600)
+    yield s
+    s.close()
+
+
+def run_cli(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-m", "qwen_mlx.generate", *args], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.endswith("\n")
+    return p.stdout[:-1]
+
+
+@pytest.mark.real_model
+def test_real_chat_equals_cli(real_server, default_model):
+    """The first request (nothing cached) over HTTP gives the CLI's greedy answer, token for token."""
+    r = real_server.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": REAL_PROMPT}], max_tokens=REAL_TOKENS)
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    assert r.choices[0].message.content == run_cli("--model", str(default_model), "--prompt", REAL_PROMPT,
+                                                   "--max-tokens", str(REAL_TOKENS))
+    assert r.usage.completion_tokens == REAL_TOKENS and r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.real_model
+def test_real_infill(real_server, default_model):
+    from qwen_mlx.infill import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, infill_prompt
+    from qwen_mlx.tokenizer import load_tokenizer
+
+    prefix, suffix = "def add(a, b):\n    return ", "\n\n\nprint(add(2, 3))\n"
+    tok = load_tokenizer(default_model)
+    ids = infill_prompt(tok, prefix, suffix)
+    # placed by id == the tokenizer's own parse of the textual special tokens
+    assert ids == tok.encode(FIM_PREFIX + prefix + FIM_SUFFIX + suffix + FIM_MIDDLE, add_special_tokens=False)
+    r = real_server.client().completions.create(model="m", prompt=prefix, suffix=suffix, max_tokens=16)
+    middle = r.choices[0].text
+    assert r.usage.prompt_tokens == len(ids) and r.choices[0].finish_reason == "stop"
+    assert middle.replace(" ", "") in ("a+b", "a+b\n"), middle  # the obvious middle, and nothing after it
+    assert middle == run_cli("--model", str(default_model), "--prompt", prefix, "--suffix", suffix,
+                             "--max-tokens", "16")
+
+
+@pytest.mark.real_model
+def test_real_shared_system_prompt_is_reused(real_server):
+    from qwen_mlx.tokenizer import load_tokenizer
+
+    c = real_server.client()
+    system = {"role": "system", "content": "You are a Python expert. Answer with code only, no prose. " * 8}
+    m1, m2 = ([system, {"role": "user", "content": u}] for u in ("Sum a list.", "Reverse a list."))
+    c.chat.completions.create(model="m", messages=m1, max_tokens=4)
+    r = c.chat.completions.create(model="m", messages=m2, max_tokens=4)
+    tok = load_tokenizer(Path(real_server.proc.args[4]))
+    shared = next(i for i, (x, y) in enumerate(zip(chat_ids(tok, m1), chat_ids(tok, m2))) if x != y)
+    assert shared > 100 and r.usage.prompt_tokens_details.cached_tokens == shared
