@@ -105,6 +105,22 @@ def chat_ids(tok, messages):
 MSGS = [[{"role": "user", "content": c}] for c in ("Hello there", "def fib(n):", "What is 2 + 2?", "the cat sat")]
 
 
+def test_command_line_errors(tmp_path):
+    """Bad flags: exit 2 and one line; a file that is not a model: exit 1 and one line; no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"hello")
+    for args, code, words in [(["--temp", "-1"], 2, "temperature"),
+                              (["--model", str(bad), "--port", str(free_port())], 1, "not-a-model.gguf")]:
+        p = subprocess.run([sys.executable, "-m", "qwen_mlx.server", *args], capture_output=True, text=True,
+                           env=env, cwd=ROOT, timeout=120)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == code and len(lines) == 1 and words in lines[0], p.stderr
+    from qwen_mlx.server import is_loopback
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")
+
+
 # ---- the openai client: chat, completions, streaming, logprobs ----
 
 def test_chat_matches_single_sequence_path(tiny_server, tiny_ref):
