@@ -15,8 +15,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mlx_lm.tokenizer_utils import _byte_decoder
-
 from .infill import INFILL_STOPS, infill_prompt
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}  # developer: OpenAI's newer name for system
@@ -175,23 +173,16 @@ def parse_request(body: Any, kind: str, tokenizer, context: int, defaults: dict)
 
 # ---- responses ----
 
-def token_bytes(tokenizer, token: int) -> bytes:
-    """The exact bytes of one token (a byte-level BPE piece may be part of a UTF-8 character)."""
-    piece = tokenizer.convert_ids_to_tokens(token)
-    table = _byte_decoder()
-    if token in tokenizer.all_special_ids or not all(c in table for c in piece):
-        return piece.encode("utf-8")
-    return bytes(table[c] for c in piece)
-
-
 class LogprobFormatter:
     """Per-token log-probability entries, in the chat or the legacy completions layout."""
 
     def __init__(self, tokenizer, kind: str):
-        self.tokenizer, self.kind = tokenizer, kind
+        # the exact bytes of a token (a byte-level BPE piece may be part of a UTF-8 character), as
+        # the project's streaming detokenizer (qwen_mlx.tokenizer) turns it into text
+        self.token_bytes, self.kind = tokenizer.detokenizer._bytes, kind
 
     def _tok(self, t: int) -> tuple[str, list[int]]:
-        b = token_bytes(self.tokenizer, t)
+        b = self.token_bytes(t)
         return b.decode("utf-8", errors="replace"), list(b)
 
     def entries(self, responses, text_offset: int = 0) -> dict:
