@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -128,6 +129,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its servers
 
     import mlx.core as mx
 
@@ -140,7 +142,10 @@ def main() -> None:
     servers = [Server("qwen_mlx", [sys.executable, "-m", "qwen_mlx.server", "--model", model, "--log-level",
                                    "warning", "--max-batch", str(a.max_batch)])]
     if a.against_mlx_lm:
-        servers.append(Server("mlx_lm", [sys.executable, "-m", "mlx_lm.server", "--model",
+        # mlx-lm's server in a process that loaded qwen_mlx first: on Linux that preloads OpenBLAS,
+        # so both servers run on the same BLAS (alone, mlx-lm's CPU matmuls use MLX's slow reference one)
+        launcher = "import sys, qwen_mlx; from mlx_lm.server import main; sys.argv[0] = 'mlx_lm.server'; main()"
+        servers.append(Server("mlx_lm", [sys.executable, "-c", launcher, "--model",
                                          str(mlx_lm_dir(model, gpu)), "--log-level", "WARNING",
                                          "--decode-concurrency", str(a.max_batch)]))
     device = "GPU" if gpu else "CPU"
@@ -159,6 +164,7 @@ def main() -> None:
                     second = s.ttft(prefix + "\n# Question two: list the functions.\n")
                     for k, v in (("ttft_first", first), ("ttft_second", second), ("ratio", second / first)):
                         res.setdefault((s.name, "cache", k), []).append(v)
+                    print(f"round {r + 1} {s.name}: ttft {first:.2f} s -> {second:.2f} s", file=sys.stderr, flush=True)
                 if "throughput" in a.parts:
                     for c in map(int, a.concurrency.split(",")):
                         prompts = [f"Write a Python class number {r * 100 + i} for a bank account with deposits, "
@@ -167,6 +173,8 @@ def main() -> None:
                         with ThreadPoolExecutor(c) as ex:
                             n = sum(ex.map(lambda p: s.chat(p, a.tokens), prompts))
                         res.setdefault((s.name, f"tok/s@{c}", "aggregate"), []).append(n / (time.perf_counter() - tic))
+                        print(f"round {r + 1} {s.name}: {c} clients {res[(s.name, f'tok/s@{c}', 'aggregate')][-1]:.1f} "
+                              "tok/s", file=sys.stderr, flush=True)
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     finally:
         for s in servers:
