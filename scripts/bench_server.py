@@ -131,10 +131,9 @@ def main() -> None:
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its servers
 
-    import mlx.core as mx
-
-    from qwen_mlx.fetch import default_model_path
+    from qwen_mlx.fetch import default_model_path  # qwen_mlx before mlx.core (it picks the BLAS)
     from qwen_mlx.tokenizer import load_tokenizer
+    import mlx.core as mx
 
     model = a.model or str(default_model_path())
     gpu = mx.metal.is_available() or mx.cuda.is_available()
