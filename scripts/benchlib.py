@@ -40,16 +40,24 @@ def config(geometry: str, **extra) -> dict:
 
 
 def use_more_bits(i: int, n: int) -> bool:
-    """llama.cpp's rule (llama-quant.cpp) for the layers whose v and down projections Q4_K_M keeps at Q6_K."""
+    """llama.cpp's rule (llama-quant.cpp) for the i-th v / down projection Q4_K_M keeps at Q6_K."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def more_bits_layers(n: int) -> set[int]:
+    """The layers whose v and down projections get Q6_K: llama.cpp counts the tensors in the file's
+    order, which sorts layer numbers as strings (0, 1, 10, 11, ..., 19, 2, 20, ...). For the default
+    model (24 layers) this gives layers 0 1 3 6 7 8 9 10 13 16 19 21, as its GGUF has them."""
+    order = sorted(range(n), key=str)
+    return {layer for rank, layer in enumerate(order) if use_more_bits(rank, n)}
 
 
 def q4km_type(kind: str, layer: int, n_layers: int, in_dim: int) -> str:
     """The GGUF type of a Q4_K_M file's matrix: Q4_K, or Q6_K for the output (or the tied embedding)
-    and for v / down in `use_more_bits` layers; where the input dimension is not a multiple of 256
+    and for v / down in `more_bits_layers`; where the input dimension is not a multiple of 256
     (K-quant blocks), llama.cpp falls back to Q5_0 for Q4_K and Q8_0 for Q6_K (the 0.5B model's
     q/k/v/o/gate/up and its output)."""
-    more = kind in ("v", "down") and use_more_bits(layer, n_layers)
+    more = kind in ("v", "down") and layer in more_bits_layers(n_layers)
     t = "Q6_K" if kind == "output" or more else "Q4_K"
     return {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}[t] if in_dim % 256 else t
 
