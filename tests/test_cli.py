@@ -1,7 +1,8 @@
 """Every command line fails the same way (qwen_mlx.cli): exit 2 and one line for a usage error
 (bad flag), exit 1 and one line for a runtime error (missing file, prompt over the context).
 
-Real processes (`python -m qwen_mlx.<cli>`), tiny GGUFs from tests/tiny_gguf.py.
+Real processes (`python -m qwen_mlx.<cli>`), tiny GGUFs from tests/tiny_gguf.py; `fetch` (no file
+to miss) for its usage error only.
 """
 
 from __future__ import annotations
@@ -88,3 +89,9 @@ def test_runtime_errors_exit_1(tiny, text_file, tmp_path):
     assert r.returncode == 1
     one_line(r, "bad.gguf")
     assert not (tmp_path / "o").exists()
+
+
+def test_fetch_usage_error_exits_2():
+    r = run("fetch", "--bogus")
+    assert r.returncode == 2
+    one_line(r, "unrecognized arguments")
