@@ -64,7 +64,7 @@ def q4km_type(kind: str, layer: int, n_layers: int, in_dim: int) -> str:
 
 def q4km_formats(cfg: dict) -> dict:
     """mlx-lm module path -> (bits, group) of the Q4_K_M-like mix, in qwen_mlx's MLX formats for the types."""
-    from qwen_mlx.gguf import EXACT, REQUANT  # GGUF type -> (bits, group, ...) of qwen_mlx's repack
+    from qwen_mlx.quant import EXACT, REQUANT  # GGUF type -> (bits, group, ...) of qwen_mlx's repack
     from gguf import GGMLQuantizationType as Q
 
     def fmt(t):
