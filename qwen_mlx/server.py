@@ -30,6 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from . import _blas  # noqa: F401  (before mlx.core)
+from .cli import ArgumentParser, runtime_error
 from .openai_api import (APIError, LogprobFormatter, ParsedRequest, chunk_body, parse_request, response_body, usage,
                          usage_chunk)
 from .prompt_cache import PromptCache
@@ -294,9 +295,7 @@ def create_app(scheduler: Scheduler, *, model_id: str, defaults: dict, max_body_
 # ---- command line ----
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import _Parser
-
-    p = _Parser(prog="python -m qwen_mlx.server", description="OpenAI-compatible HTTP server for a Qwen2.5 model.")
+    p = ArgumentParser(prog="python -m qwen_mlx.server", description="OpenAI-compatible HTTP server for a Qwen2.5 model.")
     p.add_argument("--model", help="GGUF file or converted model directory (default: the default model)")
     p.add_argument("--model-name", help="the model id the API reports (default: the file name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -357,7 +356,7 @@ def main(argv: Optional[list] = None) -> None:
     try:
         scheduler.start()
     except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(runtime_error(e))
     app = create_app(scheduler, model_id=model_id, defaults=defaults, max_body_bytes=a.max_body_bytes)
     if not is_loopback(a.host):
         print(f"warning: listening on {a.host}: anyone who can reach this address can use the model "
