@@ -113,6 +113,10 @@ def check_against_single(single: dict, ranks: list, n: int, heads: int, exact_to
 def tiny_runs(tiny_gguf, tmp_path_factory):
     f32 = str(tiny_gguf())
     mixed = str(tiny_gguf(qtype="Q4_K", qtypes={"attn_q": "Q5_0", "attn_v": "Q8_0", "ffn_down": "Q6_K"}, seed=3))
+    from qwen_mlx.convert import convert
+
+    tmp = tmp_path_factory.mktemp("dist")
+    converted = str(convert(mixed, tmp / "converted", dtype="float32", progress=False))
     prompt = [10, 200, 33, 7, 91, 150, 3, 64, 12]
     jobs = [
         {"name": "f32", "model": f32, "prompt": prompt, "tokens": 10},
@@ -120,10 +124,11 @@ def tiny_runs(tiny_gguf, tmp_path_factory):
         {"name": "mixed_q", "model": mixed, "quantized": True, "prompt": prompt, "tokens": 10},
         {"name": "mixed_q_after", "model": mixed, "quantized": True, "prompt": prompt, "tokens": 10,
          "shard_after": True},
+        {"name": "dir_q", "model": converted, "quantized": True, "prompt": prompt, "tokens": 10},
+        {"name": "dir_f32", "model": converted, "prompt": prompt, "tokens": 10},
         {"name": "sampled", "model": f32, "prompt": prompt, "tokens": 16, "temp": 1.0, "seed": 11},
         {"name": "unseeded", "model": f32, "prompt": prompt, "tokens": 16, "temp": 1.0},
     ]
-    tmp = tmp_path_factory.mktemp("dist")
     return run_jobs(jobs, tmp / "single"), run_jobs(jobs, tmp / "ranks", n=2)
 
 
@@ -140,6 +145,14 @@ def test_native_quantized_matches_single_process(tiny_runs, name):
     """GGUF-native quantized weights in mixed formats (q Q5_0, k Q4_K, v Q8_0: the fused qkv is
     promoted; down_proj Q6_K re-quantized to 8 bits, split by columns) against the single-process
     quantized model: the same codes, scales and biases, so again only the sum order differs."""
+    single, ranks = tiny_runs
+    check_against_single(single[name][0], ranks[name], 2, heads=4)
+
+
+@pytest.mark.parametrize("name", ["dir_q", "dir_f32"])
+def test_converted_directory_matches_single_process(tiny_runs, name):
+    """A converted MLX directory (lazily loaded safetensors, each rank slicing packed codes, scales
+    and biases), kept quantized or dequantized, against the same directory in one process."""
     single, ranks = tiny_runs
     check_against_single(single[name][0], ranks[name], 2, heads=4)
 
