@@ -10,12 +10,20 @@ the 72B geometry needs ~68 GiB per GPU over two, never the whole model on one).
     OPENBLAS_NUM_THREADS=1 python scripts/bench_distributed.py --model default
     OPENBLAS_NUM_THREADS=1 mlx.launch --backend ring --hosts 127.0.0.1 -n 2 -- \\
         python scripts/bench_distributed.py --model default
-    # two NVIDIA GPUs over NCCL (one GPU: drop the launcher)
-    mlx.launch --backend nccl --hosts 127.0.0.1 -n 2 -- python scripts/bench_distributed.py --random 7b --dtype bfloat16
+    # two NVIDIA GPUs over NCCL against one (issue 19); --save/--compare check the outputs agree
+    python scripts/bench_distributed.py --random 7b --dtype float32 --save /tmp/one.npz
+    mlx.launch --backend nccl --hosts 127.0.0.1 -n 2 -- python scripts/bench_distributed.py \
+        --random 7b --dtype float32 --save /tmp/two.npz
+    python scripts/bench_distributed.py --compare /tmp/one.npz /tmp/two.npz
+    # 72B bf16 (~70 GiB per GPU over two): one implementation per run, they do not fit together
+    mlx.launch --backend nccl --hosts 127.0.0.1 -n 2 -- python scripts/bench_distributed.py \
+        --random 72b --dtype bfloat16 --impl qwen-mlx
 
-mlx-lm's model gets the same weights: from the GGUF it is loaded whole and then sharded (mlx-lm
-has no per-rank GGUF reader), from --random it is built the same way as ours. Its memory is
-measured separately from ours (each model's active memory after building it).
+--random weights are the same for any number of ranks (each tensor from its own fixed key; each
+rank evaluates one full tensor at a time and keeps its slice). mlx-lm's model gets the same
+weights, loaded its own way: lazily whole, then `shard()`, then evaluated (from a GGUF: loaded
+whole through `qwen_mlx.gguf`, then sharded; mlx-lm has no GGUF reader). Each model's memory is
+its active memory after building it; the run peak covers both.
 """
 
 from __future__ import annotations
@@ -32,10 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import qwen_mlx  # noqa: E402,F401  (BLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_map  # noqa: E402
+import numpy as np  # noqa: E402
 
-from qwen_mlx.distributed import silence_other_ranks  # noqa: E402
-from qwen_mlx.loader import default_dtype  # noqa: E402
+from qwen_mlx.distributed import silence_other_ranks, weight_part  # noqa: E402
+from qwen_mlx.gguf import expected_shapes  # noqa: E402
+from qwen_mlx.loader import build_model, default_dtype  # noqa: E402
 
 GEOMETRIES = {  # Qwen2.5 configs (hidden, layers, intermediate, heads, kv heads, vocab, tied)
     "tiny": (256, 2, 512, 4, 2, 512, True),
@@ -52,44 +61,59 @@ def geometry_config(name: str) -> dict:
             "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": tied}
 
 
-def fill_random(model: nn.Module, dtype, seed: int) -> None:
-    """Replace every (already sharded, not yet evaluated) parameter by random values of its local
-    shape, one layer at a time, so no rank ever holds more than its shard."""
-    mx.random.seed(seed)
-
-    def rnd(a):
-        return (mx.ones(a.shape, dtype) if a.ndim == 1 else 0.02 * mx.random.normal(a.shape)).astype(dtype)
-
-    for layer in model.layers:
-        layer.update(tree_map(rnd, layer.parameters()))
-        mx.eval(layer.parameters())
-    rest = {k: v for k, v in model.parameters().items()}
-    rest["model"] = {k: v for k, v in rest["model"].items() if k != "layers"}
-    model.update(tree_map(rnd, rest))
-    mx.eval(model.parameters())
+def random_weights(config: dict, dtype) -> dict:
+    """{mlx-lm name: lazy random array} at the config's shapes, each tensor from its own fixed key:
+    the same full weights whatever the number of ranks, so runs over 1 and N devices compare."""
+    out = {}
+    for i, (name, shape) in enumerate(expected_shapes(config).items()):
+        w = mx.random.normal(shape, key=mx.random.key(i))
+        if name.endswith("norm.weight"):
+            w = 1 + 0.1 * w
+        elif name.endswith(".bias"):
+            w = 0.5 * w
+        elif "embed_tokens" not in name:
+            w = 0.02 * w
+        out[name] = w.astype(dtype)
+    return out
 
 
 def build(impl: str, a, group):
-    """(model, generate_step) for impl 'qwen-mlx' or 'mlx-lm'."""
+    """(model, generate_step) for impl 'qwen-mlx' or 'mlx-lm', split over `group`. mlx-lm's
+    generate_step is wrapped to wait for its own stream at the end: it leaves one step in flight
+    there, whose all_sums would otherwise pair, in a different order on each rank, with those of
+    whatever runs next on the default stream (wrong logits, different on each rank)."""
     dtype = getattr(mx, a.dtype) if a.dtype else default_dtype()
+    n, rank = group.size(), group.rank()
     if impl == "qwen-mlx":
         from qwen_mlx.generation import generate_step
-        from qwen_mlx.model import Model, ModelArgs
 
-        if a.random:
-            model = Model(ModelArgs.from_dict(geometry_config(a.random)))
-            model.shard(group)
-            fill_random(model, dtype, 0)
-        else:
+        if not a.random:
             model, _ = qwen_mlx.load(None if a.model == "default" else a.model, dtype=dtype, quantized=a.quantized)
-        return model, generate_step
-    from mlx_lm.generate import generate_step
+            return model, generate_step
+        weights = {}  # this rank's slices, as `load` reads them: one full tensor in memory at a time
+        for name, w in random_weights(config := geometry_config(a.random), dtype).items():
+            if n > 1 and (part := weight_part(name, w.shape, rank, n)):
+                axis, start, stop = part
+                w = mx.contiguous(w[start:stop] if axis == 0 else w[:, start:stop])
+            weights[name] = w
+            mx.eval(w)
+        return build_model(config, weights, dtype, group if n > 1 else None), generate_step
+    from mlx_lm.generate import generate_step as mlx_lm_step, generation_stream
     from mlx_lm.models import qwen2
 
-    if a.random:
-        model = qwen2.Model(qwen2.ModelArgs.from_dict(geometry_config(a.random)))
-        model.shard(group)
-        fill_random(model, dtype, 0)
+    def generate_step(*args, **kwargs):
+        yield from mlx_lm_step(*args, **kwargs)
+        mx.synchronize(generation_stream)
+
+    if a.random:  # mlx-lm's way: lazy full weights, shard(), then evaluate (layer by layer)
+        config = geometry_config(a.random)
+        model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+        model.load_weights(list(random_weights(config, dtype).items()))
+        if n > 1:
+            model.shard(group)
+        for layer in model.layers:
+            mx.eval(layer.parameters())
+        mx.eval(model.parameters())
         return model, generate_step
     from qwen_mlx.fetch import default_model_path
     from qwen_mlx.gguf import gguf_config, gguf_quantized_weights, open_gguf
@@ -102,9 +126,30 @@ def build(impl: str, a, group):
         nn.quantize(model, q["group_size"], q["bits"], class_predicate=lambda p, m: q.get(p, f"{p}.scales" in weights))
     model.load_weights(list(model.sanitize(weights).items()))
     del weights
-    model.shard(group)
+    if n > 1:
+        model.shard(group)
     mx.eval(model.parameters())
     return model, generate_step
+
+
+def reference_outputs(model, step, prompt, gen: int) -> dict:
+    """The prompt's last-position logits (float32) and `gen` greedy tokens, for --save."""
+    logits = model(prompt[None])[0, -1].astype(mx.float32)
+    tokens = [int(t) for t, _ in step(prompt, model, max_tokens=gen)]
+    return {"logits": np.array(logits), "tokens": np.array(tokens)}
+
+
+def compare(a_path: str, b_path: str) -> None:
+    """Print, per implementation, whether two --save files agree: greedy tokens, logit error."""
+    a, b = np.load(a_path), np.load(b_path)
+    for impl in sorted({k.split("/")[0] for k in a.files} & {k.split("/")[0] for k in b.files}):
+        la, lb = a[f"{impl}/logits"], b[f"{impl}/logits"]
+        ta, tb = a[f"{impl}/tokens"], b[f"{impl}/tokens"]
+        same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), None)
+        print(json.dumps({"impl": impl, "tokens_identical": bool(same is None and len(ta) == len(tb)),
+                          "first_different_token": same, "n_tokens": len(ta),
+                          "max_abs_logit_diff": float(np.abs(la - lb).max()),
+                          "max_abs_logit": float(np.abs(la).max())}))
 
 
 def one_round(model, step, prompt, gen: int) -> tuple[float, float]:
@@ -127,7 +172,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="GGUF file or model directory ('default': the default model)")
-    src.add_argument("--random", choices=GEOMETRIES, help="random weights at this Qwen2.5 geometry")
+    src.add_argument("--random", choices=GEOMETRIES, help="random weights at this Qwen2.5 geometry (the "
+                     "same weights for any number of ranks)")
+    src.add_argument("--compare", nargs=2, metavar=("A.npz", "B.npz"), help="compare two --save files and exit")
+    p.add_argument("--save", help="rank 0 saves each implementation's prompt logits and greedy tokens here (npz)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--quantized", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--impl", choices=["both", "qwen-mlx", "mlx-lm"], default="both")
@@ -135,6 +183,8 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
+    if a.compare:
+        return compare(*a.compare)
 
     group = mx.distributed.init()
     rank0 = silence_other_ranks(group)
@@ -148,8 +198,11 @@ def main() -> None:
     vocab = models[impls[0]][0].args.vocab_size
     prompt = mx.random.randint(0, min(vocab, 150000), (a.prompt_tokens,), key=mx.random.key(1)).astype(mx.uint32)
     rates = {impl: [] for impl in impls}
-    for impl in impls:  # warm-up
+    saved = {}
+    for impl in impls:  # warm-up (and the outputs to --save)
         one_round(*models[impl], prompt, 4)
+        if a.save:
+            saved.update({f"{impl}/{k}": v for k, v in reference_outputs(*models[impl], prompt, a.gen_tokens).items()})
     mx.reset_peak_memory()
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     for _ in range(a.rounds):  # alternating rounds
@@ -180,6 +233,8 @@ def main() -> None:
         result["decode_ratio_vs_mlx_lm"] = ours["decode_tps"] / theirs["decode_tps"]
         result["prefill_ratio_vs_mlx_lm"] = ours["prefill_tps"] / theirs["prefill_tps"]
     print(json.dumps(result))
+    if a.save:
+        np.savez(a.save, **saved)
 
 
 if __name__ == "__main__":
