@@ -105,6 +105,7 @@ def check_against_single(single: dict, ranks: list, n: int, heads: int, exact_to
     if exact_tokens:
         np.testing.assert_array_equal(ranks[0]["tokens"], single["tokens"])
     err = float(np.abs(ranks[0]["logits"] - single["logits"]).max())
+    print(f"max |logit difference| {err:.2e} (largest |logit| {np.abs(single['logits']).max():.1f})")
     assert err < TOL, err
     return err
 
