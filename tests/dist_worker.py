@@ -4,7 +4,7 @@ and saves this rank's prompt last-position logits and generated tokens to OUT/NA
 
     mlx.launch --backend ring --hosts 127.0.0.1 -n 2 -- python tests/dist_worker.py JOBS OUT
 
-A job: {"name", "model", "dtype": "float32", "quantized": false, "shard_after": false (load
+A job: {"name", "requests": [...]} (rank 0 broadcasts each, the others `follow`), or {"name", "model", "dtype": "float32", "quantized": false, "shard_after": false (load
 whole, then model.shard()), "prompt": [ids], "tokens": 8, "temp": 0.0, "seed": null}.
 Load errors are printed as "error: rank r/N: ..." and end the process with code 1.
 """
@@ -17,11 +17,20 @@ import mlx.core as mx
 import numpy as np
 
 from qwen_mlx import load, stream_generate
-from qwen_mlx.distributed import is_sharded, rank_prefix
+from qwen_mlx.distributed import broadcast, follow, is_sharded, rank_prefix
 
 jobs, out = json.loads(sys.argv[1]), sys.argv[2]
 group = mx.distributed.init()
 for job in jobs:
+    if "requests" in job:  # a front end on rank 0 driving the others: broadcast / follow
+        got = []
+        if group.rank() == 0:
+            got = [broadcast(r, group) for r in job["requests"]]
+            broadcast(None, group)
+        else:
+            follow(got.append, group)
+        np.savez(f"{out}/{job['name']}-rank{group.rank()}.npz", got=json.dumps(got))
+        continue
     mx.reset_peak_memory()
     kw = dict(dtype=job.get("dtype", "float32"), quantized=job.get("quantized", False))
     try:

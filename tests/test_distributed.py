@@ -28,6 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(Path(__file__).parent / "dist_worker.py")
 TOL = 1e-4
+REQUESTS = [{"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0.7, "seed": 5}, "plain text ✓", [], 0]
 
 
 def _launcher() -> str:
@@ -129,6 +130,7 @@ def tiny_runs(tiny_gguf, tmp_path_factory):
         {"name": "dir_f32", "model": converted, "prompt": prompt, "tokens": 10},
         {"name": "sampled", "model": f32, "prompt": prompt, "tokens": 16, "temp": 1.0, "seed": 11},
         {"name": "unseeded", "model": f32, "prompt": prompt, "tokens": 16, "temp": 1.0},
+        {"name": "requests", "requests": REQUESTS},
     ]
     return run_jobs(jobs, tmp / "single"), run_jobs(jobs, tmp / "ranks", n=2)
 
@@ -167,6 +169,22 @@ def test_sampling_is_identical_on_every_rank(tiny_runs):
     a, b = ranks["unseeded"]
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
     assert len(set(ranks["sampled"][0]["tokens"].tolist())) > 3  # really sampled, not a repeat
+
+
+def test_four_ranks(tiny_gguf, tmp_path):
+    """Any N: 8 query and 4 KV heads over 4 ranks, native quantized in mixed formats."""
+    path = str(tiny_gguf(heads=8, kv_heads=4, qtype="Q4_K", qtypes={"attn_v": "Q8_0", "ffn_down": "Q6_K"}))
+    jobs = [{"name": "q4", "model": path, "quantized": True, "tokens": 6}]
+    single, ranks = run_jobs(jobs, tmp_path / "single"), run_jobs(jobs, tmp_path / "ranks", n=4)
+    check_against_single(single["q4"][0], ranks["q4"], 4, heads=8)
+
+
+def test_broadcast_and_follow(tiny_runs):
+    """The server hook: rank 0 broadcasts each request (JSON, any size) then None; rank 1, in
+    `follow`, receives every request in order and returns."""
+    _, ranks = tiny_runs
+    for r in ranks["requests"]:
+        assert json.loads(str(r["got"])) == REQUESTS
 
 
 def test_head_count_not_divisible(tiny_gguf, tmp_path):
