@@ -6,8 +6,8 @@ the sums in o_proj and down_proj (each rank sums its half of the input features,
 adds the two halves). float32 rounding of a reordered sum of k terms differs by ~k * 2^-24 of the
 terms' magnitude; through 24 layers and the head, the real model's last-position logits (up to
 ~22) moved by 7.9e-6 in float32 and 3.5e-5 kept quantized (docs/distributed.md), so 1e-4 holds
-with a 3-10x margin, while a wrong slice (q/k/v cut as contiguous thirds of the fused matrix
-instead of per head group: tried) moves even the tiny model's logits by 4.5e-2. Both ranks must agree
+with a 3-10x margin, while a wrong slice (the fused q/k/v cut into contiguous halves
+instead of per segment: tried) moves even the tiny model's logits by 4.5e-2. Both ranks must agree
 exactly: all_sum leaves the same bits on every rank, and the head and sampling are replicated.
 
 Every run ends under a timeout, and its whole process group is killed, so a hang fails the test
