@@ -4,6 +4,11 @@ Applies the model's chat template (unless --ignore-chat-template), streams the
 answer to stdout and the speed/memory stats to stderr; `--chat` is a multi-turn
 session that keeps its KV cache between turns. Errors are one line, exit code 1
 (2 for bad flags).
+
+Importing this module (as the `qwen-mlx-generate` console script does) makes Python bind it
+as the attribute `qwen_mlx.generate`, in place of the function of that name; so the module
+is callable and forwards to `qwen_mlx.generation.generate`: `qwen_mlx.generate(model,
+tokenizer, prompt)` works in every import order.
 """
 
 from __future__ import annotations
@@ -11,12 +16,25 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import types
 from typing import Optional
 
 from . import _blas
 import mlx.core as mx
 
-from .generation import GenerationResponse, stream_generate
+from .generation import GenerationResponse, generate as _generate, stream_generate
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as `qwen_mlx.generation.generate` (see the module docstring)."""
+
+    def __call__(self, *args, **kwargs):
+        return _generate(*args, **kwargs)
+
+
+if __name__ != "__main__":
+    sys.modules[__name__].__class__ = _CallableModule
+    __wrapped__ = _generate  # inspect.signature(qwen_mlx.generate) is the function's
 
 
 class _Parser(argparse.ArgumentParser):

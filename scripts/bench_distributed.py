@@ -120,8 +120,8 @@ def build(impl: str, a, group):
 
     path = default_model_path() if a.model == "default" else a.model
     reader = open_gguf(path)
-    weights, q = gguf_quantized_weights(reader, dtype, path, quantize=bool(a.quantized))
-    model = qwen2.Model(qwen2.ModelArgs.from_dict(gguf_config(reader, path)))
+    weights, q = gguf_quantized_weights(reader, dtype, quantize=bool(a.quantized))
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(gguf_config(reader)))
     if q:
         nn.quantize(model, q["group_size"], q["bits"], class_predicate=lambda p, m: q.get(p, f"{p}.scales" in weights))
     model.load_weights(list(model.sanitize(weights).items()))
