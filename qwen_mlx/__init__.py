@@ -8,7 +8,8 @@
 from . import _blas  # noqa: F401  (must come before the first `import mlx.core`)
 
 from .generation import GenerationResponse, generate, stream_generate  # noqa: E402
+from .infill import infill_prompt  # noqa: E402
 from .loader import load  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["load", "generate", "stream_generate", "GenerationResponse"]
+__all__ = ["load", "generate", "stream_generate", "GenerationResponse", "infill_prompt"]

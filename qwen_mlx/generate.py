@@ -2,8 +2,9 @@
 
 Applies the model's chat template (unless --ignore-chat-template), streams the
 answer to stdout and the speed/memory stats to stderr; `--chat` is a multi-turn
-session that keeps its KV cache between turns. Errors are one line, exit code 1
-(2 for bad flags).
+session that keeps its KV cache between turns; `--suffix` fills the gap between
+--prompt and it (code infill, `infill.py`). Errors are one line: exit code 2 for
+bad flags, 1 for runtime errors (qwen_mlx.cli).
 
 Importing this module (as the `qwen-mlx-generate` console script does) makes Python bind it
 as the attribute `qwen_mlx.generate`, in place of the function of that name; so the module
@@ -21,8 +22,11 @@ from typing import Optional
 
 from . import _blas
 import mlx.core as mx
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
+from .cli import ArgumentParser, runtime_error
 from .generation import GenerationResponse, generate as _generate, stream_generate
+from .infill import INFILL_STOPS, infill_prompt
 
 
 class _CallableModule(types.ModuleType):
@@ -37,18 +41,14 @@ if __name__ != "__main__":
     __wrapped__ = _generate  # inspect.signature(qwen_mlx.generate) is the function's
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line, not the usage block
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m qwen_mlx.generate", description="Generate text with a Qwen2.5 model on MLX.")
+    p = ArgumentParser(prog="python -m qwen_mlx.generate", description="Generate text with a Qwen2.5 model on MLX.")
     p.add_argument("--model", help="GGUF file or converted model directory (default: Qwen2.5-Coder-0.5B-Instruct "
                    "Q4_K_M, downloaded on first use)")
     p.add_argument("--prompt", "-p", default=None, help="prompt text ('-' reads stdin)")
     p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--suffix", default=None, help="code infill: the prompt is the code before the gap, this the "
+                   "code after it; prints the middle (Qwen2.5-Coder's fill-in-the-middle tokens)")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -83,6 +83,8 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--repetition-penalty must be > 0")
     if a.chat and a.prompt is not None:
         p.error("--chat and --prompt are exclusive")
+    if a.suffix is not None and (a.chat or a.prompt is None):
+        p.error("--suffix needs --prompt (the code before the gap) and no --chat")
 
 
 def _sampling(a) -> dict:
@@ -132,8 +134,11 @@ def _chat(model, tokenizer, a, desc) -> None:
         ids = _format(tokenizer, messages, a.ignore_chat_template)
         common = next((i for i, (x, y) in enumerate(zip(cached, ids)) if x != y), min(len(cached), len(ids)))
         common = min(common, len(ids) - 1)  # feed at least one token
-        for c in cache:
-            c.trim(c.offset - common)
+        held = cache[0].offset
+        if held > common and not can_trim_prompt_cache(cache):
+            cache, held, common = model.make_cache(), 0, 0  # a cache that cannot be cut back: start over
+        trim_prompt_cache(cache, held - common)
+        cached = cached[:common]
         try:
             reply, out = _run_turn(model, tokenizer, ids[common:], a, cache, desc)
         except ValueError as e:
@@ -173,13 +178,16 @@ def main(argv: Optional[list] = None) -> None:
             a.prompt = "Write a Python function that checks whether a number is prime."
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": a.prompt}]
-        ids = _format(tokenizer, messages, a.ignore_chat_template)
+        if a.suffix is not None:
+            ids, a.stop = infill_prompt(tokenizer, a.prompt, a.suffix), a.stop + list(INFILL_STOPS)
+        else:
+            ids = _format(tokenizer, messages, a.ignore_chat_template)
         if a.verbose:
             print(tokenizer.decode(ids), file=sys.stderr)
         _run_turn(model, tokenizer, ids, a, None, desc)
     except (ValueError, OSError, RuntimeError) as e:
         sys.stderr = sys.__stderr__  # every rank reports its error
-        sys.exit(f"error: {rank_prefix()}{e}")
+        sys.exit(runtime_error(f"{rank_prefix()}{e}" if rank_prefix() else e))
     except KeyboardInterrupt:
         sys.exit(130)
 
