@@ -153,17 +153,23 @@ def main(argv: Optional[list] = None) -> None:
     p = build_parser()
     a = p.parse_args(argv)
     _check_args(p, a)
+    from .distributed import rank_prefix, silence_other_ranks
     from .loader import is_quantized, load
 
+    silence_other_ranks()  # under mlx.launch, rank 0 prints for all
     try:
         if a.prompt == "-":
             a.prompt = sys.stdin.read()
         tic = time.perf_counter()
         model, tokenizer = load(a.model, dtype=a.dtype, quantized=a.quantized)
+        if a.seed is not None:  # after load, which seeds every rank alike under mlx.launch
+            mx.random.seed(a.seed)
         dtype = str(model.model.norm.weight.dtype).split(".")[-1]
         device = mx.default_device()
         weights = "quantized weights" if is_quantized(model) else "dequantized weights"
         desc = f"{dtype}, {weights}, {device}" + (f", BLAS: {_blas.blas_name()}" if device == mx.cpu else "")
+        if (n := mx.distributed.init().size()) > 1:
+            desc += f", tensor parallel over {n} ranks (memory: rank 0's)"
         if a.verbose:
             print(f"loaded {a.model or 'the default model'} in {time.perf_counter() - tic:.1f} s ({desc})", file=sys.stderr)
         if a.chat:
@@ -180,7 +186,8 @@ def main(argv: Optional[list] = None) -> None:
             print(tokenizer.decode(ids), file=sys.stderr)
         _run_turn(model, tokenizer, ids, a, None, desc)
     except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(runtime_error(e))
+        sys.stderr = sys.__stderr__  # every rank reports its error
+        sys.exit(runtime_error(f"{rank_prefix()}{e}" if rank_prefix() else e))
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -223,6 +223,12 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
+    def shard(self, group: Optional[mx.distributed.Group] = None) -> "Model":
+        """Tensor parallelism over `group` (default: mlx.launch's): see qwen_mlx.distributed."""
+        from .distributed import shard_model
+
+        return shard_model(self, group)
+
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
