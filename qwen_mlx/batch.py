@@ -29,9 +29,6 @@ The ideas are mlx-lm's BatchGenerator, the cache is mlx-lm's BatchKVCache:
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -169,8 +166,12 @@ class BatchGenerator:
             raise ValueError("the prompt is empty")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, not {max_tokens}")
-        if temperature < 0 or top_k < 0 or top_logprobs < 0 or not 0 <= min_p < 1 or not 0 < top_p <= 1:
-            raise ValueError("want temperature >= 0, 0 < top_p <= 1, top_k >= 0, 0 <= min_p < 1, top_logprobs >= 0")
+        for bad, rule in ((temperature < 0, "temperature must be >= 0"), (not 0 < top_p <= 1, "top_p must be in (0, 1]"),
+                          (top_k < 0, "top_k must be >= 0"), (not 0 <= min_p < 1, "min_p must be in [0, 1)"),
+                          (top_logprobs < 0, "top_logprobs must be >= 0"),
+                          (repetition_penalty is not None and repetition_penalty <= 0, "repetition_penalty must be > 0")):
+            if bad:
+                raise ValueError(rule)
         if isinstance(stop, str):
             stop = [stop]
         used, limit = (cache[0].offset if cache else 0) + len(prompt), _context_length(self.model)
@@ -314,6 +315,14 @@ class BatchGenerator:
             self.rows, self.cache, self.out = rows, g.cache, out
 
 
+class PromptError(ValueError):
+    """A bad prompt or setting in a batch: `index` is the prompt's, `reason` says what is wrong."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"prompt {index}: {reason}")
+        self.index, self.reason = index, reason
+
+
 @dataclass
 class BatchResult:
     texts: list[str]
@@ -333,7 +342,7 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequenc
     `settings` are `BatchGenerator.insert`'s (max_tokens, temperature, top_p, top_k, min_p,
     repetition_penalty, seed, stop, top_logprobs), for every prompt; `overrides[i]` (a dict of the
     same) overrides them for prompt i. A common `seed` gives prompt i the seed `seed + i`. All
-    prompts are checked before anything runs; a bad one raises ValueError naming its index.
+    prompts are checked at the call, before anything runs; a bad one raises PromptError (a ValueError).
     `stats`, if given, is filled in as the run goes.
     """
     if overrides is not None and len(overrides) != len(prompts):
@@ -348,10 +357,14 @@ def stream_batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequenc
         try:
             gen.insert(encode_prompt(tokenizer, p), **kw)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"prompt {i}: {e}") from None
-    mx.reset_peak_memory()
-    while gen.has_work():
-        yield from gen.step()
+            raise PromptError(i, str(e)) from None
+
+    def run():
+        mx.reset_peak_memory()
+        while gen.has_work():
+            yield from gen.step()
+
+    return run()
 
 
 def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]], *, progress: bool = False,
@@ -365,9 +378,10 @@ def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]
     n = len(prompts)
     texts, tokens, logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
     finish, prompt_tokens, stats = [""] * n, [0] * n, BatchStats()
+    responses = stream_batch_generate(model, tokenizer, prompts, stats=stats, **kwargs)
     tic = time.perf_counter()
     with tqdm(total=n, unit="seq", disable=not progress) as bar:
-        for r in stream_batch_generate(model, tokenizer, prompts, stats=stats, **kwargs):
+        for r in responses:
             texts[r.uid] += r.text
             tokens[r.uid].append(r.token)
             logprobs[r.uid].append(r.logprob)
@@ -376,66 +390,3 @@ def batch_generate(model, tokenizer, prompts: Sequence[Union[str, Sequence[int]]
                 bar.set_postfix_str(f"{stats.generation_tokens / (time.perf_counter() - tic):.1f} tok/s", refresh=False)
                 bar.update(1)
     return BatchResult(texts, tokens, logprobs, finish, prompt_tokens, stats)
-
-
-# Per-line settings of a prompts file and their types.
-_LINE_SETTINGS = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
-                  "min_p": (int, float), "repetition_penalty": (int, float), "seed": int, "stop": (str, list),
-                  "top_logprobs": int}
-
-
-def read_requests(path: str) -> list[dict]:
-    """Parse a JSONL prompts file: one object per line with "prompt" (a string) or "messages" (chat
-    messages), optional "id" and settings (max_tokens, temperature, seed, stop, ...). Blank lines are
-    skipped. Returns [{"line", "id", "messages", "settings"}]; a bad line raises ValueError naming it."""
-    requests = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: want a JSON object")
-            if ("prompt" in obj) == ("messages" in obj):
-                raise ValueError(f"{where}: want exactly one of \"prompt\" and \"messages\"")
-            messages = [{"role": "user", "content": obj["prompt"]}] if "prompt" in obj else obj["messages"]
-            if not (isinstance(messages, list) and messages and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages)):
-                raise ValueError(f"{where}: \"prompt\" must be a string and \"messages\" a non-empty list of "
-                                 "{\"role\": ..., \"content\": ...}")
-            unknown = set(obj) - set(_LINE_SETTINGS) - {"prompt", "messages", "id"}
-            if unknown:
-                raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-            settings = {k: obj[k] for k in _LINE_SETTINGS if k in obj}
-            for k, v in settings.items():
-                if not isinstance(v, _LINE_SETTINGS[k]) or isinstance(v, bool):
-                    raise ValueError(f"{where}: bad type for {k!r}: {type(v).__name__}")
-            if isinstance(settings.get("stop"), list) and not all(isinstance(s, str) for s in settings["stop"]):
-                raise ValueError(f"{where}: \"stop\" must be a string or a list of strings")
-            requests.append({"line": n, "id": obj.get("id"), "messages": messages, "settings": settings})
-    if not requests:
-        raise ValueError(f"{path}: no prompts")
-    return requests
-
-
-def write_results(path: str, requests: list[dict], result: BatchResult) -> None:
-    """Write one JSON object per request (in input order) to `path`, atomically (temp file, rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for i, req in enumerate(requests):
-                row = {"line": req["line"], **({"id": req["id"]} if req["id"] is not None else {}),
-                       "text": result.texts[i], "finish_reason": result.finish_reasons[i],
-                       "prompt_tokens": result.prompt_tokens[i], "generation_tokens": len(result.tokens[i]),
-                       "tokens": result.tokens[i], "logprobs": result.logprobs[i]}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
