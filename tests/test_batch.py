@@ -269,3 +269,68 @@ def test_cli_prompts_file_errors(tiny, tmp_path, content, needle, code):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == code and len(lines) == 1 and needle in lines[0], r.stderr
     assert not dst.exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "kernels"])
+def test_gpu_greedy_batch_equals_single(tiny, backend):
+    """On a GPU, float32: batched greedy tokens equal single runs, with the default kernel choice
+    and with every kernel forced on (single runs then use the qkv_post kernel, batched rows with
+    [B] offsets the reference RoPE: the two agree to float32 rounding)."""
+    import metal_kernels as K
+
+    _, model, tok = tiny
+    prompts = fresh_prompts([1, 9, 130, 300, 33])
+    before = K.mode()
+    K.set_backend(backend)
+    try:
+        refs = [single(model, tok, p, max_tokens=16) for p in prompts]
+        gen = BatchGenerator(model, tok, max_batch=3, prefill_step_size=64, prefill_batch=2)
+        for p in prompts[:3]:
+            gen.insert(p, max_tokens=16)
+        got = run_all(gen, {4: [(p, dict(max_tokens=16)) for p in prompts[3:]]})
+    finally:
+        K.set_backend(before)
+    for uid, ref in enumerate(refs):
+        assert_same(got[uid], ref, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the real model
+
+@pytest.fixture(scope="module")
+def real(default_model):
+    return qwen_mlx.load(default_model, dtype="float32")
+
+
+@pytest.mark.real_model
+def test_real_model_greedy_batch_equals_single(real):
+    """The default model, float32: prompts of 1 to 1,500 tokens (source code and chat prompts),
+    one ending at EOS, one at a stop string, others at max_tokens; the 1,500-token prompt joins
+    the running batch late and is prefilled in chunks of 256 while the others decode."""
+    model, tok = real
+    from pathlib import Path
+
+    code = "".join((Path(qwen_mlx.__file__).parent / f).read_text() for f in ("generation.py", "model.py"))
+    ids = tok.encode(code, add_special_tokens=False)
+    assert len(ids) >= 1500
+
+    def chat(text):
+        return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+
+    cases = [(ids[:1], dict(max_tokens=8)),
+             (chat("Answer with one word: is water wet?"), dict(max_tokens=12)),
+             (chat("Write a Python function that adds two numbers."), dict(max_tokens=16)),
+             (ids[:200], dict(max_tokens=8)),
+             (ids[:1500], dict(max_tokens=6))]
+    text = single(model, tok, cases[2][0], **cases[2][1])[2]
+    cases[2][1]["stop"] = [text.split()[2]]  # a word of its own answer: it does stop there
+    refs = [single(model, tok, p, **kw) for p, kw in cases]
+    reasons = [(r[3], len(r[0])) for r in refs]
+    assert refs[1][3] == "stop" and refs[1][0][-1] in tok.eos_token_ids, reasons  # EOS
+    assert refs[2][3] == "stop" and refs[2][0][-1] not in tok.eos_token_ids, reasons  # stop string
+    gen = BatchGenerator(model, tok, max_batch=4, prefill_step_size=256, prefill_batch=3)
+    for p, kw in cases[:4]:
+        gen.insert(p, **kw)
+    got = run_all(gen, {2: [cases[4]]})
+    for uid, ref in enumerate(refs):
+        assert_same(got[uid], ref, atol=2e-3)
