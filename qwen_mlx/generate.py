@@ -83,7 +83,7 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 def _sampling(a) -> dict:
     return dict(temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                repetition_penalty=a.repetition_penalty, stop=a.stop)
+                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
 
 
 def _format(tokenizer, messages: list, ignore_template: bool) -> list[int]:
@@ -144,11 +144,9 @@ def _batch(model, tokenizer, requests, a, desc) -> None:
     system = [{"role": "system", "content": a.system}] if a.system else []
     prompts = [_format(tokenizer, (system if r["messages"][0]["role"] != "system" else []) + r["messages"],
                        a.ignore_chat_template) for r in requests]
-    settings = _sampling(a)
-    settings["max_tokens"], settings["seed"] = a.max_tokens, a.seed
     try:
         result = batch_generate(model, tokenizer, prompts, overrides=[r["settings"] for r in requests],
-                                max_batch=a.max_batch, progress=True, **settings)
+                                max_batch=a.max_batch, progress=True, max_tokens=a.max_tokens, **_sampling(a))
     except PromptError as e:
         raise ValueError(f"{a.prompts_file}:{requests[e.index]['line']}: {e.reason}") from None
     write_results(a.output, requests, result)
