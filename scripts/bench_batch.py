@@ -80,7 +80,8 @@ def bench_model(label, ours, ref, tok, batches, plen, gen, rounds, rng_seed=0):
     rows = []
     libs = {"ours": ours, "mlx_lm": ref}
     for B in batches:
-        prompts = mx.random.randint(0, 151000, (B, plen), key=mx.random.key(rng_seed + B)).tolist()
+        vocab = min(151000, ours.args.vocab_size)  # ordinary tokens (Qwen's specials start at 151643)
+        prompts = mx.random.randint(0, vocab, (B, plen), key=mx.random.key(rng_seed + B)).tolist()
         for lib, m in libs.items():  # warm-up: kernels, allocator, compiled shapes
             run(lib, m, tok, prompts, min(gen, 4), B)
         res = {lib: [] for lib in libs}
