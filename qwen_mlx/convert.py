@@ -33,9 +33,12 @@ from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
+import transformers
 
-from .gguf import GGUFError, expected_shapes, gguf_config, gguf_quantized_weights, gguf_weights, open_gguf
-from .loader import DTYPES, CheckpointError, dequantize_weights, read_checkpoint
+from .gguf import GGUFError, expected_shapes, field, gguf_config, gguf_quantized_weights, gguf_weights, open_gguf
+from .loader import DTYPES, CheckpointError, read_checkpoint
+from .quant import dequantize_weights
+from .tokenizer import TokenizerLoadError, load_tokenizer
 
 SHARD_BYTES = 5 << 30
 
@@ -62,6 +65,9 @@ def convert(input: Union[str, Path], output: Union[str, Path], dtype: str = "flo
         config, weights, quantization, tokenizer, generation = _read_gguf(src, DTYPES[dtype], requant, dequantize,
                                                                           progress)
     config.pop("quantization_config", None)
+    # The transformers that writes the tokenizer files: without it, transformers (5.7 at least)
+    # warns on load that a large-vocabulary local tokenizer may carry Mistral's broken split regex.
+    config["transformers_version"] = transformers.__version__
     if quantization:
         config["quantization"] = config["quantization_config"] = quantization
 
@@ -88,18 +94,16 @@ def convert(input: Union[str, Path], output: Union[str, Path], dtype: str = "flo
 # ---- inputs ---------------------------------------------------------------------------------
 
 def _read_gguf(src: Path, dtype, requant, dequantize: bool, progress: bool):
-    from .tokenizer import load_tokenizer
-
     reader = open_gguf(src)
-    config = gguf_config(reader, src)
+    config = gguf_config(reader)
     tokenizer = load_tokenizer(reader)._tokenizer
     if dequantize:
-        weights = gguf_weights(reader, mx.float32 if requant else dtype, src, progress=progress)
+        weights = gguf_weights(reader, mx.float32 if requant else dtype, progress=progress)
         quantization = _quantize(weights, *requant, dtype, progress) if requant else None
     else:
-        weights, quantization = gguf_quantized_weights(reader, dtype, src, requant=requant, progress=progress)
-    ids = {k: reader.fields[f"tokenizer.ggml.{k}_token_id"].contents()
-           for k in ("bos", "eos", "padding") if f"tokenizer.ggml.{k}_token_id" in reader.fields}
+        weights, quantization = gguf_quantized_weights(reader, dtype, requant=requant, progress=progress)
+    ids = {k: v for k in ("bos", "eos", "padding")
+           if (v := field(reader, f"tokenizer.ggml.{k}_token_id", None)) is not None}
     eos = [ids["eos"]] if "eos" in ids else []
     eos += [i for i in [tokenizer.convert_tokens_to_ids("<|endoftext|>")] if isinstance(i, int) and i not in eos]
     generation = {k: v for k, v in (("bos_token_id", ids.get("bos")), ("pad_token_id", ids.get("padding")),
@@ -109,8 +113,6 @@ def _read_gguf(src: Path, dtype, requant, dequantize: bool, progress: bool):
 
 
 def _read_hf(src: Path, dtype, requant, progress: bool):
-    from transformers import AutoTokenizer
-
     try:
         config, weights = read_checkpoint(src)
     except CheckpointError as e:
@@ -129,9 +131,9 @@ def _read_hf(src: Path, dtype, requant, progress: bool):
     weights = {k: v.astype(mx.float32 if requant else dtype) for k, v in weights.items()}
     quantization = _quantize(weights, *requant, dtype, progress) if requant else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src)
-    except Exception as e:
-        raise ConvertError(f"{src}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+        tokenizer = load_tokenizer(src)._tokenizer
+    except TokenizerLoadError as e:
+        raise ConvertError(str(e)) from None
     gen_file = src / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {
         k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}

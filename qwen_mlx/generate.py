@@ -5,6 +5,11 @@ answer to stdout and the speed/memory stats to stderr; `--chat` is a multi-turn
 session that keeps its KV cache between turns; `--prompts-file in.jsonl --output
 out.jsonl` generates many prompts in one batch (`qwen_mlx.batch`). Errors are one
 line, exit code 1 (2 for bad flags).
+
+Importing this module (as the `qwen-mlx-generate` console script does) makes Python bind it
+as the attribute `qwen_mlx.generate`, in place of the function of that name; so the module
+is callable and forwards to `qwen_mlx.generation.generate`: `qwen_mlx.generate(model,
+tokenizer, prompt)` works in every import order.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import types
 from typing import Optional
 
 from . import _blas
@@ -19,7 +25,19 @@ import mlx.core as mx
 
 from .batch import PromptError, batch_generate
 from .batch_io import read_requests, write_results
-from .generation import GenerationResponse, stream_generate
+from .generation import GenerationResponse, generate as _generate, stream_generate
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as `qwen_mlx.generation.generate` (see the module docstring)."""
+
+    def __call__(self, *args, **kwargs):
+        return _generate(*args, **kwargs)
+
+
+if __name__ != "__main__":
+    sys.modules[__name__].__class__ = _CallableModule
+    __wrapped__ = _generate  # inspect.signature(qwen_mlx.generate) is the function's
 
 
 class _Parser(argparse.ArgumentParser):

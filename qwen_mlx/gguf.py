@@ -1,9 +1,15 @@
 """Read Qwen2 GGUF files: validation, an HF-style config, and weights under mlx-lm's names.
 
     reader = open_gguf(path)             # GGUFError (one line, names the file) on bad input
-    config = gguf_config(reader, path)   # dict like a Hugging Face Qwen2 config.json
-    weights = gguf_weights(reader, mx.float32, path)               # dequantized
-    weights, quantization = gguf_quantized_weights(reader, mx.float16, path)  # MLX affine, see below
+    config = gguf_config(reader)         # dict like a Hugging Face Qwen2 config.json (read once)
+    weights = gguf_weights(reader, mx.float32)                      # dequantized
+    weights, quantization = gguf_quantized_weights(reader, mx.float16)  # MLX affine, see below
+    field(reader, "tokenizer.ggml.model", None)                     # any metadata value
+
+This module owns the file format: opening and validating, metadata (`field`, the one
+accessor every module uses), tensor names and shapes, and reading the tensors in a thread
+pool. The reader returned by `open_gguf` knows its path (`reader.path`, used in every
+error) and caches its config.
 
 Dequantization is `gguf.quants.dequantize` (numpy), run over the tensors in a
 thread pool. GGUF lists a tensor's dimensions innermost first (ne0 = columns),
@@ -12,14 +18,16 @@ wants. Qwen2 GGUFs keep q/k in Hugging Face's (NeoX RoPE) order: unlike
 llama's, llama.cpp's converter does not permute them, so nothing is undone here.
 
 `gguf_quantized_weights` keeps the quantized matrices quantized in MLX's affine
-format (w = scale * q + bias per group along the input dimension): repacked
-exactly for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K (groups of 32), Q3_K,
-IQ4_NL, IQ4_XS (8 bits) and TQ1_0/TQ2_0 (2 bits); re-quantized for Q6_K, Q2_K
-and the other IQ types (table REQUANT); see docs/quantization.md.
+format, with the maths of `qwen_mlx.quant`: repacked exactly for Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0, Q4_K, Q5_K (groups of 32), Q3_K, IQ4_NL, IQ4_XS (8 bits) and
+TQ1_0/TQ2_0 (2 bits); re-quantized for Q6_K, Q2_K and the other IQ types (table
+`quant.REQUANT`); see docs/quantization.md.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +38,8 @@ import gguf
 import mlx.core as mx
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+
+from . import quant
 
 ARCH = "qwen2"
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
@@ -62,9 +72,14 @@ class GGUFError(ValueError):
         super().__init__(" ".join(f"{path}: {problem}".split()))
 
 
-class _Reader(gguf.GGUFReader):
-    """GGUFReader that parses ~4x faster (slices a plain ndarray view of the memory map
-    instead of the np.memmap subclass) and reports reads past the end of the file."""
+class GGUFFile(gguf.GGUFReader):
+    """A GGUFReader that knows its path (as the caller spelled it, for error messages) and
+    caches its config (`gguf_config`). It overrides gguf's private `GGUFReader._get` (the one
+    primitive every header read goes through) to parse ~3-4x faster, slicing a plain ndarray
+    view of the memory map instead of the np.memmap subclass (the real model's 151k-token
+    vocabulary: ~6 s instead of ~21 s on the 2-core CI machine), and to report reads past the
+    end of the file. gguf is bounded in pyproject.toml to the versions tested, and
+    tests/test_private_names.py fails by name if `_get` goes away."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -82,11 +97,12 @@ class _Reader(gguf.GGUFReader):
         return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
 
-def _path_of(reader, path=None) -> str:
-    return str(path) if path is not None else getattr(reader, "path", getattr(reader.data, "filename", "<gguf>"))
+def path_of(reader: gguf.GGUFReader) -> str:
+    """The file behind `reader`: `GGUFFile.path`, or the memory map's file for a plain GGUFReader."""
+    return getattr(reader, "path", None) or str(getattr(reader.data, "filename", "<gguf>"))
 
 
-def open_gguf(path: Union[str, Path]) -> gguf.GGUFReader:
+def open_gguf(path: Union[str, Path]) -> GGUFFile:
     """Open and validate a Qwen2 GGUF file; any problem raises GGUFError."""
     p = Path(path)
     if not p.exists():
@@ -104,7 +120,7 @@ def open_gguf(path: Union[str, Path]) -> gguf.GGUFReader:
     if magic != b"GGUF":
         raise GGUFError(p, f"not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        reader = _Reader(p)
+        reader = GGUFFile(p)
     except GGUFError:
         raise
     except Exception as e:  # GGUFReader's own errors on a corrupt header
@@ -113,27 +129,36 @@ def open_gguf(path: Union[str, Path]) -> gguf.GGUFReader:
         if t.data_offset + t.n_bytes > size:
             raise GGUFError(p, f"truncated file: tensor {t.name} ends at byte {t.data_offset + t.n_bytes}, "
                                f"file has {size}")
-    arch = _field(reader, "general.architecture", p)
+    arch = field(reader, "general.architecture")
     if arch != ARCH:
         raise GGUFError(p, f"architecture is {arch!r}, only {ARCH!r} (Qwen2 / Qwen2.5) is supported")
     return reader
 
 
-def _field(reader, key: str, path, default=...):
+def field(reader: gguf.GGUFReader, key: str, default=...):
+    """The value of metadata `key`; `default` if it is absent, or GGUFError if no default is given."""
     f = reader.fields.get(key)
     if f is None:
         if default is ...:
-            raise GGUFError(path, f"missing metadata key {key}")
+            raise GGUFError(path_of(reader), f"missing metadata key {key}")
         return default
     return f.contents()
 
 
-def gguf_config(reader: gguf.GGUFReader, path=None) -> dict:
-    """An HF/mlx-lm-style Qwen2 config dict from the GGUF metadata."""
-    path = _path_of(reader, path)
+def gguf_config(reader: gguf.GGUFReader) -> dict:
+    """An HF/mlx-lm-style Qwen2 config dict from the GGUF metadata (a fresh copy each call;
+    the metadata is read once per reader)."""
+    cached = reader.__dict__.get("_qwen_mlx_config")
+    if cached is None:
+        cached = reader.__dict__["_qwen_mlx_config"] = _read_config(reader)
+    return copy.deepcopy(cached)
+
+
+def _read_config(reader: gguf.GGUFReader) -> dict:
+    path = path_of(reader)
 
     def get(key, default=...):
-        return _field(reader, f"{ARCH}.{key}", path, default)
+        return field(reader, f"{ARCH}.{key}", default)
 
     names = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in names:
@@ -218,9 +243,9 @@ def expected_shapes(config: dict) -> dict[str, tuple]:
     return shapes
 
 
-def check_tensors(reader: gguf.GGUFReader, config: dict, path=None) -> dict[str, "gguf.ReaderTensor"]:
+def check_tensors(reader: gguf.GGUFReader, config: dict) -> dict[str, "gguf.ReaderTensor"]:
     """Map mlx-lm names to GGUF tensors, checking names, types and shapes against the config."""
-    path = _path_of(reader, path)
+    path = path_of(reader)
     want = expected_shapes(config)
     found = {}
     for t in reader.tensors:
@@ -241,10 +266,14 @@ def check_tensors(reader: gguf.GGUFReader, config: dict, path=None) -> dict[str,
     return found
 
 
+@functools.lru_cache(maxsize=None)
 def _can_dequantize(qtype) -> bool:
-    from gguf.quants import _type_traits
-
-    return qtype in _type_traits
+    """Whether gguf.quants.dequantize handles `qtype` (tried on one zero block: public API only)."""
+    try:
+        gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def _shape(t) -> tuple[int, ...]:
@@ -313,159 +342,37 @@ def _run(jobs: dict[str, list], progress: bool) -> None:
                 f.result()
 
 
-def gguf_weights(reader: gguf.GGUFReader, dtype: mx.Dtype = mx.float32, path=None,
+def gguf_weights(reader: gguf.GGUFReader, dtype: mx.Dtype = mx.float32,
                  progress: bool = False) -> dict[str, mx.array]:
     """Every tensor, dequantized with gguf.quants.dequantize and cast to `dtype`, under mlx-lm's
     qwen2 names; matrices are [out_features, in_features]."""
-    weights, _ = gguf_quantized_weights(reader, dtype, path, progress=progress, quantize=False)
+    weights, _ = gguf_quantized_weights(reader, dtype, progress=progress, quantize=False)
     return weights
 
 
-# ---- MLX affine quantization: w = scale * q + bias per group along the input dimension -----------
-
-def _f16(b: np.ndarray, off: int) -> np.ndarray:
-    """The float16 field at byte `off` of each block [n, type_size], as float32 [n, 1]."""
-    return np.ascontiguousarray(b[:, off:off + 2]).view(np.float16).astype(np.float32)
-
-
-def _k_params(b):  # Q4_K / Q5_K: w = d*sc*q - dmin*m per sub-block of 32
-    sc, m = gguf.quants.Q4_K.get_scale_min(b[:, 4:16])
-    return _f16(b, 0) * sc.astype(np.float32), -(_f16(b, 2) * m.astype(np.float32))
-
-
-def _iq4xs_params(b):  # w = d*(ls-32)*k per sub-block of 32, k in IQ4_NL's table [-127, 113]
-    hi = np.ascontiguousarray(b[:, 2:4]).view(np.uint16) >> (2 * np.arange(8, dtype=np.uint16))
-    lo = (b[:, 4:8, None] >> np.array([0, 4], np.uint8)).reshape(-1, 8) & np.uint8(15)
-    s = _f16(b, 0) * ((lo | ((hi & 3).astype(np.uint8) << 4)).astype(np.float32) - 32)
-    return s, -128 * s
-
-
-# GGUF types that are MLX affine groups exactly: (bits, group_size, function of the raw blocks
-# [n, type_size] giving each group's (scale, bias), broadcastable to [n, block_size // group_size]).
-EXACT = {
-    Q.Q4_0: (4, 32, lambda b: (_f16(b, 0), -8 * _f16(b, 0))),      # d * (q - 8)
-    Q.Q4_1: (4, 32, lambda b: (_f16(b, 0), _f16(b, 2))),           # d * q + m
-    Q.Q5_0: (5, 32, lambda b: (_f16(b, 0), -16 * _f16(b, 0))),     # d * (q - 16)
-    Q.Q5_1: (5, 32, lambda b: (_f16(b, 0), _f16(b, 2))),           # d * q + m
-    Q.Q8_0: (8, 32, lambda b: (_f16(b, 0), -128 * _f16(b, 0))),    # d * int8
-    Q.Q4_K: (4, 32, _k_params),                                    # d*sc * q - dmin*m per 32
-    Q.Q5_K: (5, 32, _k_params),
-    # 16-element sub-blocks, but every value is d (one per 256) times an integer k in [-124, 128]:
-    # d * k = -d * (128 - k) + 128 d, exact as 8 bits.
-    Q.Q3_K: (8, 64, lambda b: (-_f16(b, 108), 128 * _f16(b, 108))),
-    # d (per 32) times IQ4_NL's table of integers in [-127, 113]: exact as 8 bits.
-    Q.IQ4_NL: (8, 32, lambda b: (_f16(b, 0), -128 * _f16(b, 0))),
-    Q.IQ4_XS: (8, 32, _iq4xs_params),
-    # Ternary: d * {-1, 0, 1} (TQ2_0 also 2), d per 256.
-    Q.TQ1_0: (2, 64, lambda b: (_f16(b, 52), -_f16(b, 52))),
-    Q.TQ2_0: (2, 64, lambda b: (_f16(b, 64), -_f16(b, 64))),
-}
-# Types re-quantized from their dequantized values (round to nearest on each group's min and max):
-# (bits, group_size), within ~1% relative RMS of the GGUF values (see docs/quantization.md).
-# Any other quantized type (IQ1_M, MXFP4, NVFP4) is dequantized. Groups are at most 64: MLX
-# 0.32.4's CUDA quantized matmul fails on 8-bit group-128 float32 weights at prefill sizes.
-REQUANT = {
-    Q.Q6_K: (8, 64), Q.Q2_K: (6, 32),
-    Q.IQ2_XXS: (8, 64), Q.IQ2_XS: (8, 64), Q.IQ2_S: (8, 64),
-    Q.IQ3_XXS: (8, 64), Q.IQ3_S: (8, 64), Q.IQ1_S: (8, 64),
-}
-
-
-def _round_to(x: np.ndarray, dtype: mx.Dtype) -> np.ndarray:
-    """float32 `x` rounded to `dtype` (round to nearest even), still as float32."""
-    if dtype == mx.float16:
-        return x.astype(np.float16).astype(np.float32)
-    if dtype == mx.bfloat16:
-        u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-        return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).view(np.float32)
-    return x
-
-
-def pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned `bits`-bit codes [rows, cols] (uint8) -> MLX's packing, uint32 [rows, cols*bits/32]:
-    a little-endian bit stream, element i in bits [i*bits, (i+1)*bits)."""
-    rows = q.shape[0]
-    if bits == 8:
-        return np.ascontiguousarray(q).reshape(rows, -1).view(np.uint32)
-    v = (q.reshape(rows, -1, 8).astype(np.uint64) << (np.arange(8, dtype=np.uint64) * np.uint64(bits))).sum(
-        -1, dtype=np.uint64)  # 8 codes -> `bits` bytes
-    return np.ascontiguousarray(v.view(np.uint8).reshape(rows, -1, 8)[..., :bits]).reshape(rows, -1).view(np.uint32)
-
-
-def unpack(w: np.ndarray, bits: int) -> np.ndarray:
-    """The inverse of `pack`: uint32 [rows, cols*bits/32] -> uint8 codes [rows, cols]."""
-    rows = w.shape[0]
-    b = np.ascontiguousarray(w).view(np.uint8).reshape(rows, -1, bits)
-    if bits == 8:
-        return b.reshape(rows, -1)
-    v = np.zeros(b.shape[:2] + (8,), np.uint8)
-    v[..., :bits] = b
-    v = v.view(np.uint64)  # [rows, n, 1]: 8 codes each
-    return ((v >> (np.arange(8, dtype=np.uint64) * np.uint64(bits))) & np.uint64((1 << bits) - 1)).astype(
-        np.uint8).reshape(rows, -1)
-
-
-def promote(weight: mx.array, scales: mx.array, biases: mx.array, bits: int, group: int, to_bits: int,
-            to_group: int) -> tuple[mx.array, mx.array, mx.array]:
-    """The same MLX affine-quantized matrix with more bits and/or smaller groups, exactly (every
-    `bits`-bit code is a `to_bits`-bit code; a group splits into groups sharing its scale and bias).
-    E.g. to concatenate q/k/v projections quantized differently: promote all to the most bits and
-    the smallest group."""
-    if to_bits < bits or group % to_group:
-        raise ValueError(f"cannot promote {bits}-bit group {group} to {to_bits}-bit group {to_group} exactly")
-    if (to_bits, to_group) == (bits, group):
-        return weight, scales, biases
-    q = pack(unpack(np.array(weight), bits), to_bits)
-    r = group // to_group
-    return mx.array(q), mx.repeat(scales, r, axis=-1), mx.repeat(biases, r, axis=-1)
-
-
-def affine_codes(w: np.ndarray, scale: np.ndarray, bias: np.ndarray, bits: int) -> np.ndarray:
-    """q = round((w - bias) / scale) in [0, 2^bits - 1] for w [..., groups, G], scale/bias [..., groups]."""
-    s = scale[..., None]
-    q = np.divide(w - bias[..., None], s, out=np.zeros(w.shape, np.float32), where=s != 0)
-    return np.clip(np.rint(q), 0, (1 << bits) - 1).astype(np.uint8)
-
-
-def requantize(w: np.ndarray, bits: int, dtype: mx.Dtype = mx.float32):
-    """Round-to-nearest affine quantization of w [..., groups, G] on each group's min and max,
-    with the scale and bias rounded to `dtype` first. Returns (codes, scales, biases)."""
-    lo, hi = w.min(-1), w.max(-1)
-    scale, bias = _round_to((hi - lo) / ((1 << bits) - 1), dtype), _round_to(lo, dtype)
-    return affine_codes(w, scale, bias, bits), scale, bias
-
-
 def _quantize_jobs(t, bits: int, group: int, dtype: mx.Dtype):
-    """Output arrays (q uint32, scales, biases float32) for tensor `t`, and the jobs that fill them."""
+    """Output arrays (q uint32, scales, biases float32) for tensor `t`, and the jobs that fill them
+    (`quant.gguf_blocks_to_affine` over row chunks)."""
     rows, cols = _shape(t)
     out = (np.empty((rows, cols * bits // 32), np.uint32), np.empty((rows, cols // group), np.float32),
            np.empty((rows, cols // group), np.float32))
     raw = t.data.reshape(rows, -1)
-    block, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-    exact = EXACT.get(t.tensor_type)
 
     def fill(i, j):
-        w = gguf.quants.dequantize(raw[i:j], t.tensor_type).reshape(j - i, -1, group)
-        if exact:  # the file's own scales and biases, and the codes they imply
-            params = exact[2](raw[i:j].reshape(-1, type_size))
-            scale, bias = (np.broadcast_to(p, (p.shape[0], block // group)).reshape(j - i, -1) for p in params)
-            q = affine_codes(w, scale, bias, bits)
-            scale, bias = _round_to(scale, dtype), _round_to(bias, dtype)
-        else:
-            q, scale, bias = requantize(w, bits, dtype)
-        out[0][i:j], out[1][i:j], out[2][i:j] = pack(q.reshape(j - i, -1), bits), scale, bias
+        out[0][i:j], out[1][i:j], out[2][i:j] = quant.gguf_blocks_to_affine(raw[i:j], t.tensor_type, bits, group,
+                                                                              dtype)
 
     return out, _row_jobs(t, fill)
 
 
-def gguf_quantized_weights(reader: gguf.GGUFReader, dtype: mx.Dtype = mx.float16, path=None,
+def gguf_quantized_weights(reader: gguf.GGUFReader, dtype: mx.Dtype = mx.float16,
                            requant: Optional[tuple[int, int]] = None, progress: bool = False,
                            quantize: bool = True) -> tuple[dict[str, mx.array], Optional[dict]]:
     """Weights with the GGUF's quantized matrices kept quantized, in MLX's affine format.
 
     Returns (weights, quantization). A quantized matrix `X.weight` becomes `X.weight` (uint32,
     packed codes), `X.scales` and `X.biases` (`dtype`): repacked exactly for the EXACT types,
-    re-quantized as REQUANT says for the others. Every other tensor (norms, biases, float
+    re-quantized as `quant.REQUANT` says for the others. Every other tensor (norms, biases, float
     matrices, types in neither table) is dequantized and cast to `dtype`, as in `gguf_weights`.
     `requant=(bits, group_size)` re-quantizes the non-EXACT types and the float matrices too.
     `quantization` is mlx-lm's config section: {"group_size": G, "bits": B, "mode": "affine"} for
@@ -474,9 +381,8 @@ def gguf_quantized_weights(reader: gguf.GGUFReader, dtype: mx.Dtype = mx.float16
     mlx-lm does: nn.quantize(model, G, B, class_predicate=lambda p, m: quantization.get(p,
     f"{p}.scales" in weights)), then model.load_weights(list(weights.items())).
     """
-    path = _path_of(reader, path)
-    tensors = check_tensors(reader, gguf_config(reader, path), path)
-    plans = {n: _plan(t, requant) if quantize else None for n, t in tensors.items()}
+    tensors = check_tensors(reader, gguf_config(reader))
+    plans = {n: quant.plan(t.tensor_type, _shape(t), requant) if quantize else None for n, t in tensors.items()}
     outs, jobs = {}, {}
     for n, t in tensors.items():
         outs[n], jobs[n] = _quantize_jobs(t, *plans[n], dtype) if plans[n] else _dequantize_jobs(t)
@@ -490,33 +396,10 @@ def gguf_quantized_weights(reader: gguf.GGUFReader, dtype: mx.Dtype = mx.float16
         weights[n] = mx.array(out[0])
         weights[base + ".scales"], weights[base + ".biases"] = _to_dtype(out[1], dtype), _to_dtype(out[2], dtype)
         outs[n] = None  # free the numpy copies as we go
-    return weights, quantization_config({n[: -len(".weight")]: p for n, p in plans.items() if p})
-
-
-def _plan(t, requant: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
-    """(bits, group_size) for tensor `t` in MLX, or None to keep it as floats."""
-    if len(t.shape) != 2:
-        return None
-    if t.tensor_type in EXACT:
-        return EXACT[t.tensor_type][:2]
-    if requant:
-        return requant if int(t.shape[0]) % requant[1] == 0 else None
-    return REQUANT.get(t.tensor_type)
+    return weights, quant.quantization_config({n[: -len(".weight")]: p for n, p in plans.items() if p})
 
 
 def _to_dtype(x, dtype: mx.Dtype) -> mx.array:
     a = mx.array(x).astype(dtype)
     mx.eval(a)
     return a
-
-
-def quantization_config(modules: dict[str, tuple[int, int]]) -> Optional[dict]:
-    """mlx-lm's "quantization" section for {module path: (bits, group_size)}: the most common
-    kind as the default, with an entry for every module that differs."""
-    if not modules:
-        return None
-    kinds = list(modules.values())
-    bits, group = max(set(kinds), key=kinds.count)
-    config = {"group_size": group, "bits": bits, "mode": "affine"}
-    config.update({m: {"group_size": g, "bits": b} for m, (b, g) in modules.items() if (b, g) != (bits, group)})
-    return config

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .model import Model, ModelArgs
+from .quant import dequantize_weights
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -41,7 +42,8 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
     dequantize them to `dtype`. None: quantized on a GPU, dequantized on a CPU (MLX's
     CPU quantized matmul is ~10x slower than its float32 path).
     Returns (model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper
-    around a transformers tokenizer (encode / decode / apply_chat_template).
+    around a transformers tokenizer (encode / decode / apply_chat_template), built
+    the same way for both sources (`qwen_mlx.tokenizer.load_tokenizer`).
     """
     if path is None:
         from .fetch import default_model_path
@@ -59,12 +61,12 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
         from .tokenizer import load_tokenizer
 
         reader = open_gguf(path)
-        config = gguf_config(reader, path)
+        config = gguf_config(reader)
         tokenizer = load_tokenizer(reader)
         if quantized:
-            weights, _ = gguf_quantized_weights(reader, dtype, path)
+            weights, _ = gguf_quantized_weights(reader, dtype)
         else:
-            weights = gguf_weights(reader, dtype, path)
+            weights = gguf_weights(reader, dtype)
     model = build_model(config, weights, dtype)
     return model, tokenizer
 
@@ -118,21 +120,8 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     return config, weights
 
 
-def dequantize_weights(weights: dict, q: dict) -> dict:
-    """Replace each quantized `X.weight`/`X.scales`/`X.biases` by the float `X.weight`, with the
-    format from mlx-lm's `quantization` config section (per-module entries override)."""
-    out = dict(weights)
-    for key in [k for k in weights if k.endswith(".scales")]:
-        p = key[: -len(".scales")]
-        fmt = q.get(p) if isinstance(q.get(p), dict) else q
-        out[f"{p}.weight"] = mx.dequantize(out[f"{p}.weight"], out.pop(key), out.pop(f"{p}.biases"),
-                                           group_size=fmt["group_size"], bits=fmt["bits"])
-    return out
-
-
 def _read_directory(path: Path):
-    from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
+    from .tokenizer import load_tokenizer
 
     config, weights = read_checkpoint(path)
-    eos = config.get("eos_token_id")
-    return config, weights, load_mlx_lm_tokenizer(path, eos_token_ids=eos if isinstance(eos, list) else None)
+    return config, weights, load_tokenizer(path)

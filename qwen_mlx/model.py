@@ -17,11 +17,15 @@ What shapes the code:
   To fuse each residual add with the norm after it, a block carries the
   residual stream as a pair (h, r) whose sum is the stream.
 - `tap(name, x)` marks the named stages a researcher can capture or replace
-  (`qwen_mlx.research`); with no capture active it returns x untouched.
+  (`qwen_mlx.research`). Each `Model` has its own `tap_hook` (None: x passes untouched);
+  `Model.__call__` makes it the one `tap` calls for the duration of that model's forward
+  pass, so hooks on one model never see another model's pass.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -32,12 +36,32 @@ from mlx_lm.models.rope_utils import initialize_rope
 
 import metal_kernels as K
 
-# Set by qwen_mlx.research while capturing: a callable (name, array) -> array.
-TAP = None
+from .quant import promote
+
+# The `tap_hook` of the Model whose forward pass is running (None: no hook), set by `_scoped_taps`.
+_TAP = contextvars.ContextVar("qwen_mlx_tap", default=None)
 
 
 def tap(name: str, x: mx.array) -> mx.array:
-    return x if TAP is None else TAP(name, x)
+    hook = _TAP.get()
+    return x if hook is None else hook(name, x)
+
+
+def _scoped_taps(forward):
+    """Wrap Model.__call__: during it, `tap` calls this model's `tap_hook` (and no other's)."""
+
+    @functools.wraps(forward)
+    def call(self, *args, **kwargs):
+        hook = getattr(self, "tap_hook", None)
+        if hook is None and _TAP.get() is None:
+            return forward(self, *args, **kwargs)
+        token = _TAP.set(hook)
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            _TAP.reset(token)
+
+    return call
 
 
 @dataclass
@@ -75,6 +99,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, args.hidden_size, bias=False)
         rope = initialize_rope(d, args.rope_theta, False, args.rope_scaling, args.max_position_embeddings)
         # What K.qkv_post needs to reproduce `rope`: the base, or YaRN's frequencies and input scale.
+        # `_freqs` is mlx-lm's private name (version bounded in pyproject.toml, checked by
+        # tests/test_private_names.py).
         if not isinstance(rope, nn.RoPE) and not hasattr(rope, "_freqs"):
             raise ValueError(f"unsupported rope_scaling {args.rope_scaling}")
         self._rope = {"base": getattr(rope, "base", None), "freqs": getattr(rope, "_freqs", None),
@@ -123,7 +149,7 @@ class TransformerBlock(nn.Module):
         r = self.self_attn(x, mask, cache, self.name)
         h, x = K.add_rms_norm(r, h, self.post_attention_layernorm.weight, self.eps)
         r = tap(self.name + "mlp_out", self.mlp(tap(self.name + "mlp_norm", x)))
-        if TAP is not None:  # the residual stream after this layer, materialized only when tapped
+        if _TAP.get() is not None:  # the residual stream after this layer, materialized only when tapped
             h, r = tap(self.name + "residual", h + r), mx.zeros_like(r)
         return h, r
 
@@ -152,7 +178,9 @@ class Model(nn.Module):
         self.model = Qwen2Model(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tap_hook = None  # (name, array) -> array, set by qwen_mlx.research for this model only
 
+    @_scoped_taps
     def __call__(self, inputs: mx.array, cache=None, mask: Optional[mx.array] = None,
                  last_only: bool = False) -> mx.array:
         """tokens [B, L] -> logits [B, L, vocab]; `cache` from `make_cache()` makes it incremental.
@@ -204,8 +232,6 @@ def _fuse(weights: dict, prefix: str, parts: list[str], fused: str, in_dims: int
     fmts = [(w.shape[-1] * 32 // in_dims, in_dims // s.shape[-1]) for w, s in zip(ws, ss)]
     bits, group = max(f[0] for f in fmts), min(f[1] for f in fmts)
     if any(f != (bits, group) for f in fmts):
-        from .gguf import promote
-
         ws, ss, bs = zip(*(promote(w, s, b, fb, fg, bits, group) for w, s, b, (fb, fg) in zip(ws, ss, bs, fmts)))
     for suffix, arrays in (("weight", ws), ("scales", ss), ("biases", bs)):
         weights[f"{prefix}{fused}.{suffix}"] = mx.concatenate(arrays, axis=0)

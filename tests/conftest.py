@@ -1,6 +1,7 @@
 """Shared fixtures. `import qwen_mlx` comes first so OpenBLAS is loaded before mlx.core."""
 
 import sys
+import time
 from pathlib import Path
 
 import qwen_mlx  # noqa: F401  (loads the optimized BLAS before mlx.core)
@@ -52,3 +53,14 @@ def tiny_gguf(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def converted_default_model(default_model, tmp_path_factory):
+    """The default model converted by `qwen_mlx.convert` (float32 scales), once per session:
+    (directory, seconds the conversion took)."""
+    from qwen_mlx.convert import convert
+
+    start = time.perf_counter()
+    out = convert(default_model, tmp_path_factory.mktemp("converted") / "out", dtype="float32", progress=False)
+    return out, time.perf_counter() - start

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -301,15 +300,13 @@ def test_script_wrapper(tiny_gguf, tmp_path):
 # ---- the real model ---------------------------------------------------------------------------
 
 @pytest.mark.real_model
-def test_real_model_convert(default_model, tmp_path):
+def test_real_model_convert(default_model, converted_default_model):
     """Converting the default model takes < 30 s (about 10 s here); mlx_lm.load runs it, and its greedy
     tokens on a chat prompt equal those of the float32 dequantized weights in mlx-lm's qwen2."""
     import mlx_lm
     from mlx_lm.models.cache import make_prompt_cache
 
-    start = time.perf_counter()
-    out = convert(default_model, tmp_path / "out", dtype="float32", progress=False)
-    seconds = time.perf_counter() - start
+    out, seconds = converted_default_model
     print(f"converted the default model in {seconds:.1f} s")
     assert seconds < 60  # 30 s target on an idle machine; slack for a busy one
     model, tokenizer = mlx_lm.load(str(out))

@@ -48,14 +48,14 @@ def test_cast(tiny_gguf, dtype):
 def test_names_shapes_config(tiny_gguf, tied):
     path = tiny_gguf(qtype="Q8_0", tied=tied)
     reader = open_gguf(path)
-    config = gguf_config(reader, path)
+    config = gguf_config(reader)
     assert config == {
         "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 256, "num_hidden_layers": 2,
         "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
         "rope_theta": 1e6, "max_position_embeddings": 512, "vocab_size": 283, "tie_word_embeddings": tied,
         "rope_scaling": None,
     }
-    weights = gguf_weights(reader, mx.float32, path)
+    weights = gguf_weights(reader, mx.float32)
     assert {k: tuple(v.shape) for k, v in weights.items()} == expected_shapes(config)
     assert ("lm_head.weight" in weights) == (not tied)
     assert weights["model.layers.1.self_attn.q_proj.weight"].shape == (256, 256)
@@ -81,7 +81,7 @@ def test_mixed_types(tiny_gguf):
 def expect_error(path, *words):
     with pytest.raises(GGUFError) as e:
         reader = open_gguf(path)
-        gguf_weights(reader, mx.float32, path)
+        gguf_weights(reader, mx.float32)
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg, msg
     for w in words:
@@ -201,7 +201,7 @@ def test_real_model_matches_transformers(default_model):
     import transformers
 
     reader = open_gguf(default_model)
-    config = gguf_config(reader, default_model)
+    config = gguf_config(reader)
     kw = dict(gguf_file=default_model.name)
     hf = transformers.AutoConfig.from_pretrained(default_model.parent, **kw)
     for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -211,7 +211,7 @@ def test_real_model_matches_transformers(default_model):
     assert config["rope_theta"] == hf.rope_parameters["rope_theta"]
     assert (config["num_hidden_layers"], config["hidden_size"], config["tie_word_embeddings"]) == (24, 896, False)
 
-    weights = gguf_weights(reader, mx.float32, default_model)
+    weights = gguf_weights(reader, mx.float32)
     model = transformers.AutoModelForCausalLM.from_pretrained(default_model.parent, dtype=torch.float32, **kw)
     state = model.state_dict()
     assert set(weights) == set(state)
@@ -225,7 +225,8 @@ def test_real_model_matches_transformers(default_model):
 
 # ---- MLX affine quantization: gguf_quantized_weights -----------------------------------------
 
-from qwen_mlx.gguf import EXACT, REQUANT, gguf_quantized_weights, pack  # noqa: E402
+from qwen_mlx.gguf import gguf_quantized_weights  # noqa: E402
+from qwen_mlx.quant import EXACT, REQUANT, pack  # noqa: E402
 
 # Types tiny_gguf cannot fill on its own: their float16 scale field offsets, for random blocks.
 EXTRA_FIELDS = {"IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,)}
@@ -362,7 +363,7 @@ def test_quantized_mixed_model_runs_in_mlx_lm(tiny_gguf):
 @pytest.mark.parametrize("bits,group,to_bits,to_group", [(4, 32, 8, 32), (5, 32, 8, 32), (4, 64, 4, 32),
                                                          (2, 128, 6, 32), (3, 32, 5, 32), (8, 128, 8, 32)])
 def test_promote_is_exact(bits, group, to_bits, to_group):
-    from qwen_mlx.gguf import promote, unpack
+    from qwen_mlx.quant import promote, unpack
 
     w = mx.random.normal((16, 256), key=mx.random.key(bits))
     q = mx.quantize(w, group, bits)

@@ -163,6 +163,34 @@ def test_prompt_over_context_is_refused(tiny):
         list(stream_generate(model, tok, list(range(100)) * 6))
 
 
+@pytest.mark.parametrize("imports", [
+    "import qwen_mlx; import qwen_mlx.generate",                     # the package, then the CLI module
+    "import qwen_mlx.generate; import qwen_mlx",                     # the CLI module first
+    "from qwen_mlx.generate import main; import qwen_mlx",           # what the console script does
+    "from qwen_mlx import generate as early; import qwen_mlx.generate",
+])
+def test_generate_function_survives_importing_the_cli(tiny, imports):
+    """`import qwen_mlx.generate` (the CLI module) rebinds the attribute `qwen_mlx.generate`; it used
+    to make `qwen_mlx.generate(model, tok, ...)` raise "'module' object is not callable". Fresh
+    interpreters, each import order; the text must equal the generation module's own function."""
+    path, _, _ = tiny
+    code = f"""{imports}
+import inspect, sys
+from qwen_mlx import generate
+from qwen_mlx.generation import generate as function
+model, tok = qwen_mlx.load({str(path)!r}, dtype="float32")
+texts = [qwen_mlx.generate(model, tok, "the cat", max_tokens=6), generate(model, tok, "the cat", max_tokens=6)]
+if "early" in dir():
+    texts.append(early(model, tok, "the cat", max_tokens=6))
+assert texts == [function(model, tok, "the cat", max_tokens=6)] * len(texts), texts
+assert inspect.signature(qwen_mlx.generate) == inspect.signature(function)
+assert callable(sys.modules["qwen_mlx.generate"].main)
+print("ok", len(texts))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
 def run_cli(*args, input=None):
     return subprocess.run([sys.executable, "-m", "qwen_mlx.generate", *args], capture_output=True,
                           text=True, input=input, timeout=300)

@@ -16,7 +16,6 @@ import pytest
 import qwen_mlx
 import mlx.core as mx
 import metal_kernels as K
-from qwen_mlx import model as model_module
 from qwen_mlx import parity
 from qwen_mlx.perplexity import batch_logits, log_softmax, main as ppl_main, perplexity, token_nlls, windows
 from qwen_mlx.research import capture, patch, stage_names
@@ -68,7 +67,7 @@ def test_capture_names_order_and_identities(tiny):
     np.testing.assert_allclose(a["final_norm"], norm(stream, w(model.model.norm)), atol=1e-4)
     np.testing.assert_allclose(a["logits"], a["final_norm"] @ w(model.lm_head).T, atol=1e-4)
     assert mx.array_equal(acts["logits"], logits)
-    assert model_module.TAP is None
+    assert model.tap_hook is None
 
 
 def test_capture_glob_and_unknown_names(tiny):
@@ -80,7 +79,7 @@ def test_capture_glob_and_unknown_names(tiny):
     with pytest.raises(ValueError, match="layers.7.q"):
         with capture(model, "layers.7.q"):
             pass
-    assert model_module.TAP is None
+    assert model.tap_hook is None
 
 
 def test_capture_with_cache_splits_by_call(tiny):
@@ -113,21 +112,47 @@ def test_patch_array_callable_nesting_and_restore(tiny):
     # zero-ablate layer 1's MLP: logits = final norm of (residual after layer 0 + layer 1's attention)
     with capture(model) as clean:
         model(mx.array([ids]))
-    with patch({"layers.1.mlp_out": lambda x: 0 * x}), capture(model, ["layers.1.mlp_out", "logits"]) as seen:
+    with patch({"layers.1.mlp_out": lambda x: 0 * x}, model), capture(model, ["layers.1.mlp_out", "logits"]) as seen:
         ablated = model(mx.array([ids]))
     assert not mx.any(seen["layers.1.mlp_out"]).item()  # the capture sees the patched value
     h = np.array(clean["layers.0.residual"] + clean["layers.1.o_proj"], dtype=np.float64)
     h = h / np.sqrt((h * h).mean(-1, keepdims=True) + 1e-6) * np.array(model.model.norm.weight)
     np.testing.assert_allclose(np.array(ablated), h @ np.array(model.lm_head.weight, dtype=np.float64).T, atol=1e-4)
     assert np.abs(np.array(ablated - clean["logits"])).max() > 1e-2  # the ablation did something
-    # a glob patch hits every layer; an exception inside the block still restores TAP
+    # a glob patch hits every layer; an exception inside the block still removes the hook
     calls = []
     with pytest.raises(RuntimeError):
-        with patch({"layers.*.v": lambda x: calls.append(1) or x}):
+        with patch({"layers.*.v": lambda x: calls.append(1) or x}, model):
             model(mx.array([ids]))
             raise RuntimeError("boom")
-    assert len(calls) == 2 and model_module.TAP is None
+    assert len(calls) == 2 and model.tap_hook is None
     np.testing.assert_array_equal(np.array(model(mx.array([ids]))), np.array(clean["logits"]))
+
+
+def test_hooks_are_scoped_to_their_model(tiny, tiny_gguf):
+    """Two models in one process (as draft and target would be): capturing or patching one
+    neither records nor changes the other's forward passes, nested in either order."""
+    _, a, tok = tiny
+    b, _ = qwen_mlx.load(tiny_gguf(qtype="F32", tied=True, seed=12), dtype="float32")
+    x = mx.array([ids_of(tok)[:12]])
+    ref_a, ref_b = a(x), b(x)
+    with capture(a) as acts_a:
+        out_b = b(x)
+        assert not acts_a and not acts_a.history  # b's pass recorded nothing
+        out_a = a(x)
+    assert list(acts_a) == stage_names(a) and all(len(v) == 1 for v in acts_a.history.values())
+    assert mx.array_equal(out_b, ref_b) and mx.array_equal(out_a, ref_a)
+    with capture(b, "logits") as acts_b, patch({"logits": lambda v: v + 1.0}, a):
+        patched_a, plain_b = a(x), b(x)
+    assert mx.array_equal(patched_a, ref_a + 1.0)  # the patch applies to a...
+    assert mx.array_equal(plain_b, ref_b)  # ...not to b
+    assert len(acts_b.history["logits"]) == 1 and mx.array_equal(acts_b["logits"], ref_b)
+    # a forward of b from inside a's hook (e.g. a reference run per stage) is not hooked either
+    seen = []
+    with patch({"final_norm": lambda v: seen.append(b(x)) or v}, a), capture(b) as inner:
+        a(x)
+    assert len(seen) == 1 and len(inner.history["logits"]) == 1  # b's own capture saw b's pass
+    assert a.tap_hook is None and b.tap_hook is None
 
 
 # ---------------------------------------------------------------- parity
@@ -327,7 +352,7 @@ def test_api_doc_examples(tiny):
     ns = {"MODEL_PATH": str(tiny[0])}
     for i, code in enumerate(blocks):
         exec(compile(code, f"docs/api.md[python block {i}]", "exec"), ns)
-    assert model_module.TAP is None
+    assert ns["model"].tap_hook is None
 
 
 # ---------------------------------------------------------------- the real model

@@ -1,5 +1,6 @@
 """qwen_mlx.tokenizer against transformers' own GGUF tokenizer (the reference), plus the streaming
-detokenizer against `decode`, on the tiny GGUFs and the real default model.
+detokenizer against `decode`, on the tiny GGUFs and the real default model, and the tokenizer of a
+directory written by `qwen_mlx.convert` against the GGUF's (one construction for both load paths).
 
 Reference quirk: transformers (5.x) builds the GGUF Qwen2 tokenizer without Qwen2's NFC
 normalizer (its tokenizer.json has one; ours does), so non-NFC text is compared as
@@ -26,7 +27,7 @@ from transformers import AutoTokenizer
 from tokenizers.normalizers import NFC as _NFC
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from qwen_mlx.tokenizer import TokenizerLoadError, load_tokenizer
+from qwen_mlx.tokenizer import QwenStreamingDetokenizer, TokenizerLoadError, load_tokenizer
 from tiny_gguf import CHAT_TEMPLATE, SPECIALS, tiny_vocab
 
 SEED = int(os.environ.get("QWEN_MLX_TOKENIZER_SEED", time.time_ns() % 2**32))
@@ -270,6 +271,70 @@ def test_save_pretrained_roundtrip(tiny, tmp_path):
         assert isinstance(mlx_lm_load_tokenizer(tmp_path / d)._detokenizer, BPEStreamingDetokenizer)
 
 
+# ---------------------------------------------------------------- converted directory (tiny)
+
+def assert_same_tokenizer(gguf_tok, dir_tok, texts, id_sequences):
+    """Both load paths give the same wrapper: our detokenizer, the same eos ids and encodings, and
+    streaming the same ids yields `decode(ids)` (the same for both) segment by segment."""
+    for tok in (gguf_tok, dir_tok):
+        assert isinstance(tok._detokenizer, QwenStreamingDetokenizer), type(tok._detokenizer)
+    assert dir_tok.eos_token_ids == gguf_tok.eos_token_ids and len(gguf_tok.eos_token_ids) == 2
+    assert dir_tok.get_vocab() == gguf_tok.get_vocab()
+    for s in texts:
+        ids = gguf_tok.encode(s)
+        assert dir_tok.encode(s) == ids, (SEED, s)
+        full = gguf_tok.decode(ids)
+        assert dir_tok.decode(ids) == full
+        a, b = stream(gguf_tok, ids), stream(dir_tok, ids)
+        assert a == b and "".join(a) == full, (SEED, s, ids, a, b)
+    for ids in id_sequences:
+        a, b = stream(gguf_tok, ids), stream(dir_tok, ids)
+        assert a == b and "".join(b) == dir_tok.decode(ids) == gguf_tok.decode(ids), (SEED, ids, a, b)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+    from qwen_mlx.convert import convert
+
+    return convert(tiny[0], tmp_path_factory.mktemp("converted") / "out", dtype="float32", progress=False)
+
+
+def test_tiny_directory_streams_like_gguf(tiny, tiny_dir):
+    """`load(converted_dir)` used to wrap its tokenizer with mlx-lm's BPEStreamingDetokenizer, which
+    drops the first segment's leading space: " hello world" streamed as "hello world"."""
+    import qwen_mlx
+
+    _, gguf_tok = tiny
+    dir_tok = load_tokenizer(tiny_dir)
+    texts = [" hello world", "  two spaces", " 中文"] + TINY_TEXT + CORPUS
+    assert len(texts) >= 300
+    assert_same_tokenizer(gguf_tok, dir_tok, texts, random_id_sequences(gguf_tok, random.Random(SEED)))
+    assert "".join(stream(dir_tok, gguf_tok.encode(" hello world"))) == " hello world"
+    msgs = [{"role": "user", "content": "hi"}]
+    assert dir_tok.apply_chat_template(msgs, add_generation_prompt=True) == \
+        gguf_tok.apply_chat_template(msgs, add_generation_prompt=True)
+    # the loader's directory path is this same construction
+    _, loaded = qwen_mlx.load(tiny_dir, dtype="float32")
+    assert isinstance(loaded._detokenizer, QwenStreamingDetokenizer) and loaded.eos_token_ids == gguf_tok.eos_token_ids
+
+
+def test_directory_tokenizer_json_is_qwen2s(tiny_dir):
+    """What the converter writes is Qwen2's own pipeline (transformers' Qwen2 split regex, NFC,
+    byte-level without its own regex), not Mistral's regex transformers warns about; config.json
+    names the transformers that wrote it, which is what makes transformers skip that check."""
+    from packaging.version import Version
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tj = json.loads((tiny_dir / "tokenizer.json").read_text())
+    split, byte_level = tj["pre_tokenizer"]["pretokenizers"]
+    assert split["type"] == "Split" and split["pattern"] == {"Regex": PRETOKENIZE_REGEX}
+    assert split["behavior"] == "Isolated" and not split["invert"]
+    assert byte_level["type"] == "ByteLevel" and not byte_level["use_regex"] and not byte_level["add_prefix_space"]
+    assert tj["normalizer"]["type"] == "NFC" and tj["decoder"]["type"] == "ByteLevel"
+    version = json.loads((tiny_dir / "config.json").read_text())["transformers_version"]
+    assert Version(version) >= Version("5.0")
+
+
 # ---------------------------------------------------------------- errors
 
 def _write(path, **kv):
@@ -383,6 +448,36 @@ def test_real_chat_template(real):
                 assert ids == hf.apply_chat_template(msgs, add_generation_prompt=gen, return_dict=False, **kw)
                 assert ids == hf.encode(text) and ours.decode(ids) == text
     assert text.endswith("<|im_start|>assistant\n") and "# Tools" in text
+
+
+@pytest.fixture(scope="module")
+def real_dir(converted_default_model):
+    """The converted default model's tokenizer, through our loader and mlx-lm's, with transformers'
+    log records (the spurious "incorrect regex pattern ... fix_mistral_regex=True" warning) kept."""
+    import logging
+
+    from mlx_lm.tokenizer_utils import load as mlx_lm_load
+
+    out, _ = converted_default_model
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        ours, theirs = load_tokenizer(out), mlx_lm_load(out)
+    finally:
+        logger.removeHandler(handler)
+    return ours, theirs, [r.getMessage() for r in records]
+
+
+@pytest.mark.real_model
+def test_real_directory_streams_like_gguf(real, real_dir):
+    ours, _ = real
+    dir_tok, mlx_lm_tok, warnings = real_dir
+    assert not [w for w in warnings if "regex" in w], warnings
+    assert_same_tokenizer(ours, dir_tok, CORPUS, random_id_sequences(ours, random.Random(SEED), n=60))
+    assert mlx_lm_tok.encode(CORPUS[0]) == ours.encode(CORPUS[0])
 
 
 @pytest.mark.real_model
