@@ -11,9 +11,10 @@ sequences joining a running batch, stopping early (EOS, stop strings, max_tokens
 Logprob tolerance: batched and single runs differ only in float32 summation order (a [B, D]
 matmul instead of [1, D], attention over a padded, masked key range), ~1e-7 relative per op.
 On the 2-layer tiny model the logprobs (magnitude ~5) agree to ~1e-6; 1e-4 leaves two orders of
-margin. On the 24-layer real model rounding compounds through the layers; the logits (magnitude
-~10-30) move by up to ~1e-4 between batch shapes (measured), so 2e-3 on a logprob still catches
-any real error (a wrong position, a leaked padding key or a wrong row changes logprobs by O(0.1-1)).
+margin. On the 24-layer real model the same ~1e-7 relative rounding compounds through the
+layers on logits of magnitude ~10-30 (a few 1e-5 absolute per layer at most); 2e-3 on a logprob
+allows for that and still catches any real error (a wrong position, a leaked padding key or a
+wrong row changes logprobs by O(0.1-1)).
 """
 
 import json
