@@ -3,8 +3,9 @@
 Applies the model's chat template (unless --ignore-chat-template), streams the
 answer to stdout and the speed/memory stats to stderr; `--chat` is a multi-turn
 session that keeps its KV cache between turns; `--suffix` fills the gap between
---prompt and it (code infill, `infill.py`). Errors are one line: exit code 2 for
-bad flags, 1 for runtime errors (qwen_mlx.cli).
+--prompt and it (code infill, `infill.py`); `--prompts-file in.jsonl --output
+out.jsonl` generates many prompts in one batch (`qwen_mlx.batch`). Errors are one
+line: exit code 2 for bad flags, 1 for runtime errors (qwen_mlx.cli).
 
 Importing this module (as the `qwen-mlx-generate` console script does) makes Python bind it
 as the attribute `qwen_mlx.generate`, in place of the function of that name; so the module
@@ -25,6 +26,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from .cli import ArgumentParser, runtime_error
+from .batch import PromptError, batch_generate
+from .batch_io import read_requests, write_results
 from .generation import GenerationResponse, generate as _generate, stream_generate
 from .infill import INFILL_STOPS, infill_prompt
 
@@ -65,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as is")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (keeps the KV cache)")
     p.add_argument("--verbose", "-v", action="store_true", help="print the formatted prompt and load details")
+    p.add_argument("--prompts-file", default=None, help="JSONL file, one {\"prompt\": ...} or {\"messages\": [...]} "
+                   "per line with optional per-line settings (max_tokens, temperature, top_p, top_k, min_p, "
+                   "repetition_penalty, seed, stop, top_logprobs, id): all generated in one batch")
+    p.add_argument("--output", "-o", default=None, help="JSONL results of --prompts-file (written when all are done)")
+    p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded at once with --prompts-file")
     return p
 
 
@@ -85,11 +93,17 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--chat and --prompt are exclusive")
     if a.suffix is not None and (a.chat or a.prompt is None):
         p.error("--suffix needs --prompt (the code before the gap) and no --chat")
+    if a.prompts_file is not None and (a.chat or a.prompt is not None):
+        p.error("--prompts-file excludes --prompt and --chat")
+    if (a.prompts_file is None) != (a.output is None):
+        p.error("--prompts-file and --output go together")
+    if a.max_batch < 1:
+        p.error("--max-batch must be at least 1")
 
 
 def _sampling(a) -> dict:
     return dict(temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                repetition_penalty=a.repetition_penalty, stop=a.stop)
+                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
 
 
 def _format(tokenizer, messages: list, ignore_template: bool) -> list[int]:
@@ -149,6 +163,22 @@ def _chat(model, tokenizer, a, desc) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
+def _batch(model, tokenizer, requests, a, desc) -> None:
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    prompts = [_format(tokenizer, (system if r["messages"][0]["role"] != "system" else []) + r["messages"],
+                       a.ignore_chat_template) for r in requests]
+    try:
+        result = batch_generate(model, tokenizer, prompts, overrides=[r["settings"] for r in requests],
+                                max_batch=a.max_batch, progress=True, max_tokens=a.max_tokens, **_sampling(a))
+    except PromptError as e:
+        raise ValueError(f"{a.prompts_file}:{requests[e.index]['line']}: {e.reason}") from None
+    write_results(a.output, requests, result)
+    s = result.stats
+    print(f"{len(prompts)} sequences | prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.1f} tok/s | generation: "
+          f"{s.generation_tokens} tokens, {s.generation_tps:.1f} tok/s | peak memory: {s.peak_memory:.2f} GB | "
+          f"{desc}", file=sys.stderr)
+
+
 def main(argv: Optional[list] = None) -> None:
     p = build_parser()
     a = p.parse_args(argv)
@@ -158,6 +188,7 @@ def main(argv: Optional[list] = None) -> None:
 
     silence_other_ranks()  # under mlx.launch, rank 0 prints for all
     try:
+        requests = read_requests(a.prompts_file) if a.prompts_file else None  # bad lines fail before the load
         if a.prompt == "-":
             a.prompt = sys.stdin.read()
         tic = time.perf_counter()
@@ -174,6 +205,8 @@ def main(argv: Optional[list] = None) -> None:
             print(f"loaded {a.model or 'the default model'} in {time.perf_counter() - tic:.1f} s ({desc})", file=sys.stderr)
         if a.chat:
             return _chat(model, tokenizer, a, desc)
+        if a.prompts_file:
+            return _batch(model, tokenizer, requests, a, desc)
         if a.prompt is None:
             a.prompt = "Write a Python function that checks whether a number is prime."
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
