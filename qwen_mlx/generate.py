@@ -193,8 +193,6 @@ def main(argv: Optional[list] = None) -> None:
             a.prompt = sys.stdin.read()
         tic = time.perf_counter()
         model, tokenizer = load(a.model, dtype=a.dtype, quantized=a.quantized)
-        if a.seed is not None:  # after load, which seeds every rank alike under mlx.launch
-            mx.random.seed(a.seed)
         dtype = str(model.model.norm.weight.dtype).split(".")[-1]
         device = mx.default_device()
         weights = "quantized weights" if is_quantized(model) else "dequantized weights"
