@@ -326,9 +326,9 @@ def is_loopback(host: str) -> bool:
 
 
 def make_engine(max_batch: int):
-    from .sequential import SequentialGenerator
+    from .batch import BatchGenerator
 
-    return lambda model, tokenizer: SequentialGenerator(model, tokenizer, max_batch=max_batch)
+    return lambda model, tokenizer: BatchGenerator(model, tokenizer, max_batch=max_batch)
 
 
 def main(argv: Optional[list] = None) -> None:

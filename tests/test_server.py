@@ -331,6 +331,7 @@ def test_concurrent_greedy_answers_equal_single_client(tiny_server):
     with ThreadPoolExecutor(8) as ex:
         got = list(ex.map(ask, range(8), timeout=120))
     assert got == [single[i % len(MSGS)] for i in range(8)]
+    assert tiny_server.health()["peak_batch"] > 1  # they really were decoded together
 
 
 def _wait(pred, timeout=20.0):
