@@ -4,8 +4,11 @@ Applies the model's chat template (unless --ignore-chat-template), streams the
 answer to stdout and the speed/memory stats to stderr; `--chat` is a multi-turn
 session that keeps its KV cache between turns; `--suffix` fills the gap between
 --prompt and it (code infill, `infill.py`); `--prompts-file in.jsonl --output
-out.jsonl` generates many prompts in one batch (`qwen_mlx.batch`). Errors are one
-line: exit code 2 for bad flags, 1 for runtime errors (qwen_mlx.cli).
+out.jsonl` generates many prompts in one batch (`qwen_mlx.batch`). `--kv-bits` /
+`--max-kv-size` pick a quantized or rotating KV cache and `--prompt-cache-file` continues
+from a cache written by `python -m qwen_mlx.cache_prompt` (see there for how the chat
+template applies). Errors are one line: exit code 2 for bad flags, 1 for runtime errors
+(qwen_mlx.cli).
 
 Importing this module (as the `qwen-mlx-generate` console script does) makes Python bind it
 as the attribute `qwen_mlx.generate`, in place of the function of that name; so the module
@@ -30,6 +33,8 @@ from .batch import PromptError, batch_generate
 from .batch_io import read_requests, write_results
 from .generation import GenerationResponse, generate as _generate, stream_generate
 from .infill import INFILL_STOPS, infill_prompt
+from .cache_prompt import add_kv_arguments, kv_flags_given, kv_options, prompt_ids
+from .kv_cache import new_cache
 
 
 class _CallableModule(types.ModuleType):
@@ -73,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "repetition_penalty, seed, stop, top_logprobs, id): all generated in one batch")
     p.add_argument("--output", "-o", default=None, help="JSONL results of --prompts-file (written when all are done)")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded at once with --prompts-file")
+    add_kv_arguments(p)
+    p.add_argument("--prompt-cache-file", default=None, help="continue from a prompt cache written by "
+                   "qwen_mlx.cache_prompt; --prompt is then the continuation of the cached prompt")
     return p
 
 
@@ -99,11 +107,22 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--prompts-file and --output go together")
     if a.max_batch < 1:
         p.error("--max-batch must be at least 1")
+    if a.prompts_file is not None and (kv_flags_given(a) or a.prompt_cache_file):
+        p.error("--prompts-file does not take KV-cache flags or --prompt-cache-file (batched caches are full precision)")
+    a.kv = kv_options(p, a)
+    if a.prompt_cache_file and (a.chat or a.system is not None or a.ignore_chat_template):
+        p.error("--prompt-cache-file takes its system message and chat-template use from the file "
+                "(not with --chat, --system or --ignore-chat-template)")
 
 
 def _sampling(a) -> dict:
     return dict(temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                 repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
+
+
+def _kv(a) -> dict:
+    return dict(kv_bits=a.kv.kv_bits, kv_group_size=a.kv.kv_group_size, quantized_kv_start=a.kv.quantized_kv_start,
+                max_kv_size=a.kv.max_kv_size)
 
 
 def _format(tokenizer, messages: list, ignore_template: bool) -> list[int]:
@@ -119,7 +138,7 @@ def _stats(r: GenerationResponse, model_desc: str) -> str:
 
 def _run_turn(model, tokenizer, ids, a, cache, desc) -> tuple[str, list[int]]:
     text, out, last = "", [], None
-    for r in stream_generate(model, tokenizer, ids, max_tokens=a.max_tokens, cache=cache, **_sampling(a)):
+    for r in stream_generate(model, tokenizer, ids, max_tokens=a.max_tokens, cache=cache, **_sampling(a), **_kv(a)):
         print(r.text, end="", flush=True)
         text, last = text + r.text, r
         out.append(r.token)
@@ -134,7 +153,7 @@ def _chat(model, tokenizer, a, desc) -> None:
     whole conversation is re-rendered and only the tokens past the longest
     common prefix with what the cache holds are fed (the cache is trimmed back
     where the re-rendered text tokenizes differently)."""
-    cache, cached = model.make_cache(), []
+    cache, cached = new_cache(model, a.kv), []
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print("qwen-mlx chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -149,8 +168,8 @@ def _chat(model, tokenizer, a, desc) -> None:
         common = next((i for i, (x, y) in enumerate(zip(cached, ids)) if x != y), min(len(cached), len(ids)))
         common = min(common, len(ids) - 1)  # feed at least one token
         held = cache[0].offset
-        if held > common and not can_trim_prompt_cache(cache):
-            cache, held, common = model.make_cache(), 0, 0  # a cache that cannot be cut back: start over
+        if held > common and not can_trim_prompt_cache(cache):  # e.g. a full rotating window: start over
+            cache[:], held, common = new_cache(model, a.kv), 0, 0
         trim_prompt_cache(cache, held - common)
         cached = cached[:common]
         try:
@@ -179,6 +198,20 @@ def _batch(model, tokenizer, requests, a, desc) -> None:
           f"{desc}", file=sys.stderr)
 
 
+def _from_prompt_cache(model, tokenizer, a) -> tuple[list[int], argparse.Namespace, list]:
+    """The prompt's tokens after the cache from --prompt-cache-file, the args (KV settings from the
+    file), the cache (see qwen_mlx.cache_prompt)."""
+    from .kv_cache import continuation, load_prompt_cache_file
+
+    cache, cached, kv, meta = load_prompt_cache_file(a.prompt_cache_file, model, tokenizer)
+    if kv_flags_given(a) and a.kv != kv:
+        raise ValueError(f"{a.prompt_cache_file}: made with KV settings {kv}, the flags ask for {a.kv}")
+    a.kv = kv
+    ids = prompt_ids(tokenizer, meta["prompt"] + (a.prompt or ""), meta["system"] or None,
+                     meta["template"] == "chat", open_turn=False)
+    return continuation(cached, ids, a.prompt_cache_file), a, cache
+
+
 def main(argv: Optional[list] = None) -> None:
     p = build_parser()
     a = p.parse_args(argv)
@@ -205,6 +238,9 @@ def main(argv: Optional[list] = None) -> None:
             return _chat(model, tokenizer, a, desc)
         if a.prompts_file:
             return _batch(model, tokenizer, requests, a, desc)
+        if a.prompt_cache_file:
+            _run_turn(model, tokenizer, *_from_prompt_cache(model, tokenizer, a), desc)
+            return
         if a.prompt is None:
             a.prompt = "Write a Python function that checks whether a number is prime."
         messages = ([{"role": "system", "content": a.system}] if a.system else []) + [

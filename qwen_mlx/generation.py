@@ -15,6 +15,8 @@ from . import _blas  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .kv_cache import DEFAULT_QUANTIZED_KV_START, CacheOptions, cache_options, maybe_quantize, new_cache
+
 
 @dataclass
 class GenerationResponse:
@@ -87,19 +89,22 @@ def generate_step(
     logits_processors: Optional[List[Callable]] = None,
     cache: Optional[list] = None,
     prefill_step_size: int = 2048,
+    kv: Optional[CacheOptions] = None,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token, logprobs) for up to `max_tokens` new tokens after the 1-D `prompt`.
 
     The prompt is prefilled in chunks of `prefill_step_size`; `cache` (from
     `model.make_cache()`) may already hold earlier tokens and is extended.
+    `kv` (`qwen_mlx.kv_cache.cache_options`): quantized or rotating KV cache.
     """
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
-    cache = cache if cache is not None else model.make_cache()
+    cache = cache if cache is not None else new_cache(model, kv)
     tokens = prompt if logits_processors else None
 
     def step(y):
         nonlocal tokens
         logits = model(y[None], cache=cache, last_only=True)[:, -1, :]
+        maybe_quantize(cache, kv)
         if logits_processors:
             for proc in logits_processors:
                 logits = proc(tokens, logits)
@@ -112,6 +117,7 @@ def generate_step(
     y = prompt
     while y.size > prefill_step_size:
         model(y[:prefill_step_size][None], cache=cache)
+        maybe_quantize(cache, kv)
         mx.eval([c.state for c in cache])
         y = y[prefill_step_size:]
         mx.clear_cache()
@@ -127,7 +133,12 @@ def generate_step(
 
 
 def _context_length(model) -> int:
-    return model.args.max_position_embeddings
+    """max_position_embeddings, or YaRN's factor x original context when larger (as vLLM does)."""
+    args, rs = model.args, model.args.rope_scaling or {}
+    if (rs.get("type") or rs.get("rope_type")) == "yarn":
+        return max(args.max_position_embeddings,
+                   int(rs["factor"] * rs.get("original_max_position_embeddings", args.max_position_embeddings)))
+    return args.max_position_embeddings
 
 
 def encode_prompt(tokenizer, prompt: Union[str, Sequence[int]]) -> list[int]:
@@ -149,6 +160,10 @@ def stream_generate(
     cache: Optional[list] = None,
     top_logprobs: int = 0,
     prefill_step_size: int = 2048,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+    max_kv_size: Optional[int] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream the continuation of `prompt` (a string, used as is, or token ids).
 
@@ -156,7 +171,10 @@ def stream_generate(
     `stop` strings (which are not included in the text), at `max_tokens`, or at
     the model's context length. Pass `cache=model.make_cache()` to keep the KV
     cache across calls (the prompt is then only the new tokens).
+    `kv_bits` / `kv_group_size` / `quantized_kv_start` quantize the KV cache and `max_kv_size`
+    makes it a rotating window, as in mlx-lm (`qwen_mlx.kv_cache.cache_options`).
     """
+    kv = cache_options(kv_bits, kv_group_size, quantized_kv_start, max_kv_size)
     ids = encode_prompt(tokenizer, prompt)
     if not ids:
         raise ValueError("the prompt is empty")
@@ -184,7 +202,7 @@ def stream_generate(
                                   n / gen_time if gen_time > 0 else 0.0, mx.get_peak_memory() / 1e9, finish, top)
 
     gen = generate_step(mx.array(ids, mx.uint32), model, max_tokens=max_tokens, sampler=sampler,
-                        logits_processors=processors, cache=cache, prefill_step_size=prefill_step_size)
+                        logits_processors=processors, cache=cache, prefill_step_size=prefill_step_size, kv=kv)
     for token, logprobs in gen:
         if n == 0:
             prompt_tps = len(ids) / (time.perf_counter() - tic)

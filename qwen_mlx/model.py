@@ -15,7 +15,10 @@ What shapes the code:
   "same-format" keeps q/k/v as three projections where their formats differ,
   "never" never fuses them. Unfused, the three outputs are concatenated before
   `K.qkv_post`, so everything after the projections is the same.
-- The KV cache is mlx-lm's `KVCache` (preallocated in steps of 256 positions).
+- The KV cache is mlx-lm's: `KVCache` (preallocated in steps of 256 positions), or
+  `QuantizedKVCache` / `RotatingKVCache` (`make_cache`); attention goes through mlx-lm's
+  `scaled_dot_product_attention`, which reads a quantized cache with quantized matmuls, and the
+  mask comes from the cache (a rotating window needs a windowed mask). See `qwen_mlx.kv_cache`.
 - The hot elementwise work goes through `metal_kernels` (`K.*`): fused
   add+RMSNorm, bias+RoPE+head-split after the q/k/v matmul, SwiGLU. Each op
   has a hand-written Metal kernel, used on a GPU only where it measured faster
@@ -32,14 +35,16 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
-from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.rope_utils import YarnRoPE, initialize_rope
 
 import metal_kernels as K
 
@@ -120,7 +125,7 @@ class Attention(nn.Module):
         if not isinstance(rope, nn.RoPE) and not hasattr(rope, "_freqs"):
             raise ValueError(f"unsupported rope_scaling {args.rope_scaling}")
         self._rope = {"base": getattr(rope, "base", None), "freqs": getattr(rope, "_freqs", None),
-                      "mscale": getattr(rope, "mscale", 1.0)}
+                      "mscale": yarn_attention_factor(args.rope_scaling) if isinstance(rope, YarnRoPE) else 1.0}
         if isinstance(rope, nn.RoPE) and rope.scale != 1.0:
             raise ValueError(f"unsupported rope_scaling {args.rope_scaling} (linear)")
 
@@ -139,7 +144,9 @@ class Attention(nn.Module):
         q, k, v = tap(name + "q", q), tap(name + "k", k), tap(name + "v", v)  # [B, heads, L, head_dim]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            if _TAP.get() is not None and hasattr(cache, "bits"):  # mlx-lm's quantized attention scales q in place
+                q = mx.array(q)
+        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         o = tap(name + "attn_out", o.transpose(0, 2, 1, 3).reshape(B, L, -1))
         return tap(name + "o_proj", self.o_proj(o))
 
@@ -187,8 +194,8 @@ class Qwen2Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None, mask: Optional[mx.array] = None) -> mx.array:
         h, r = tap("embed", self.embed_tokens(inputs)), None
-        if mask is None:
-            mask = "causal" if h.shape[1] > 1 else None
+        if mask is None:  # "causal", None for one token, or a windowed mask for a full rotating cache
+            mask = create_attention_mask(h, cache[0] if cache else None)
         for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
             h, r = layer(h, r, mask, c)
         return tap("final_norm", K.add_rms_norm(r, h, self.norm.weight, self.norm.eps)[1])
@@ -229,7 +236,15 @@ class Model(nn.Module):
 
         return shard_model(self, group)
 
-    def make_cache(self) -> list[KVCache]:
+    def make_cache(self, max_kv_size: Optional[int] = None, keep: int = 4, kv_bits: Optional[int] = None,
+                   kv_group_size: int = 64) -> list:
+        """One mlx-lm cache per layer: `KVCache`; with `max_kv_size`, a `RotatingKVCache` keeping the
+        first `keep` and the most recent positions; with `kv_bits`, a `QuantizedKVCache` from the
+        first token on. Options are checked and combined in `qwen_mlx.kv_cache`."""
+        if max_kv_size is not None:
+            return [RotatingKVCache(max_size=max_kv_size, keep=keep) for _ in self.layers]
+        if kv_bits is not None:
+            return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in self.layers]
         return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -247,6 +262,26 @@ class Model(nn.Module):
                 weights[f"{p}self_attn.qkv_bias"] = mx.concatenate(
                     [weights.pop(f"{p}self_attn.{n}_proj.bias") for n in "qkv"])
         return weights
+
+
+def yarn_attention_factor(scaling: dict) -> float:
+    """YaRN's attention factor as transformers defines it (`_compute_yarn_parameters`): an explicit
+    `attention_factor`, else get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) when both
+    are given, else get_mscale(factor) = 0.1 ln(factor) + 1. mlx-lm's YarnRoPE agrees on the last
+    case (Qwen2.5's) but ignores `attention_factor` and uses its defaults (1, 0) for a missing
+    mscale / mscale_all_dim; its frequencies match transformers' with `truncate` (the default)."""
+    if scaling.get("truncate", True) is False:
+        raise ValueError(f"unsupported rope_scaling {scaling} (YaRN without truncation)")
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = scaling["factor"]
+
+    def get_mscale(m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return get_mscale(scaling["mscale"]) / get_mscale(scaling["mscale_all_dim"])
+    return get_mscale()
 
 
 def _fuse(weights: dict, prefix: str, parts: list[str], fused: str, in_dims: int, policy: str = "always") -> bool:
