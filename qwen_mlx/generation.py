@@ -48,6 +48,38 @@ def log_softmax(logits: mx.array, block: int = 256) -> mx.array:
     return x - mx.log(s)
 
 
+class TextStream:
+    """The text of one generated sequence, token by token: UTF-8 safe (the tokenizer's streaming
+    detokenizer), stopping at EOS tokens and at stop strings (cut before the string; a tail that
+    could still grow into one is held back until it cannot)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.eos = set(tokenizer.eos_token_ids)
+        self.stop = [s for s in stop if s]
+        self.held = ""  # text held back because it may be the start of a stop string
+
+    def add(self, token: int, last: bool = False) -> tuple[str, Optional[str]]:
+        """The new text segment after `token`, and the finish reason: "stop" (EOS or a stop
+        string), "length" when `last` (the final token allowed), else None."""
+        if token in self.eos:
+            self.detok.finalize()
+            return self.held + self.detok.last_segment, "stop"
+        self.detok.add_token(token)
+        if last:
+            self.detok.finalize()
+        held = self.held + self.detok.last_segment
+        hit = min((i for i in (held.find(s) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self.held = ""
+            return held[:hit], "stop"
+        # emit all but the longest tail that could still grow into a stop string
+        keep = 0 if last else max((k for s in self.stop for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        text, self.held = held[: len(held) - keep], held[len(held) - keep:]
+        return text, "length" if last else None
+
+
 def generate_step(
     prompt: mx.array,
     model,
@@ -155,10 +187,7 @@ def stream_generate(
         mx.random.seed(seed)
     sampler = make_sampler(temp=temperature, top_p=0.0 if top_p >= 1.0 else top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
-    detok = tokenizer.detokenizer
-    detok.reset()
-    eos = set(tokenizer.eos_token_ids)
-    held = ""  # text held back because it may be the start of a stop string
+    text_stream = TextStream(tokenizer, stop)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps, n = 0.0, 0
@@ -179,23 +208,10 @@ def stream_generate(
             prompt_tps = len(ids) / (time.perf_counter() - tic)
             tic = time.perf_counter()
         n += 1
-        last = n == max_tokens
-        if token in eos:
-            detok.finalize()
-            yield response(held + detok.last_segment, token, logprobs, "stop")
+        text, finish = text_stream.add(token, last=n == max_tokens)
+        yield response(text, token, logprobs, finish)
+        if finish:
             return
-        detok.add_token(token)
-        if last:
-            detok.finalize()
-        held += detok.last_segment
-        hit = min((i for i in (held.find(s) for s in stop if s) if i >= 0), default=-1)
-        if hit >= 0:
-            yield response(held[:hit], token, logprobs, "stop")
-            return
-        # emit all but the longest tail that could still grow into a stop string
-        keep = 0 if last else max((k for s in stop for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
-        text, held = held[: len(held) - keep], held[len(held) - keep:]
-        yield response(text, token, logprobs, "length" if last else None)
 
 
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
