@@ -219,7 +219,7 @@ def main(argv: Optional[list] = None) -> None:
     from .distributed import rank_prefix, silence_other_ranks
     from .loader import is_quantized, load
 
-    silence_other_ranks()  # under mlx.launch, rank 0 prints for all
+    rank0 = silence_other_ranks()  # under mlx.launch, rank 0 prints for all
     try:
         requests = read_requests(a.prompts_file) if a.prompts_file else None  # bad lines fail before the load
         if a.prompt == "-":
@@ -253,7 +253,8 @@ def main(argv: Optional[list] = None) -> None:
             print(tokenizer.decode(ids), file=sys.stderr)
         _run_turn(model, tokenizer, ids, a, None, desc)
     except (ValueError, OSError, RuntimeError) as e:
-        sys.stderr = sys.__stderr__  # every rank reports its error
+        if not rank0:
+            sys.stderr = sys.__stderr__  # every rank reports its error
         sys.exit(runtime_error(f"{rank_prefix()}{e}" if rank_prefix() else e))
     except KeyboardInterrupt:
         sys.exit(130)
