@@ -72,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default on a CPU, where MLX's quantized matmul is slow)")
     p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as is")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (keeps the KV cache)")
-    p.add_argument("--verbose", "-v", action="store_true", help="print the formatted prompt and load details")
     p.add_argument("--prompts-file", default=None, help="JSONL file, one {\"prompt\": ...} or {\"messages\": [...]} "
                    "per line with optional per-line settings (max_tokens, temperature, top_p, top_k, min_p, "
                    "repetition_penalty, seed, stop, top_logprobs, id): all generated in one batch")
@@ -81,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_arguments(p)
     p.add_argument("--prompt-cache-file", default=None, help="continue from a prompt cache written by "
                    "qwen_mlx.cache_prompt; --prompt is then the continuation of the cached prompt")
+    p.add_argument("--draft-model", default=None, help="speculative decoding: a smaller model with the same "
+                   "vocabulary (GGUF file or converted directory) proposes tokens")
+    p.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="tokens proposed per target forward (default: 3 from a draft model, 10 from prompt lookup)")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="speculative decoding: propose the tokens that followed the last N tokens' earlier "
+                        "occurrence in the prompt or output")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print the formatted prompt, load details and speculative acceptance statistics")
     return p
 
 
@@ -113,11 +121,24 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.prompt_cache_file and (a.chat or a.system is not None or a.ignore_chat_template):
         p.error("--prompt-cache-file takes its system message and chat-template use from the file "
                 "(not with --chat, --system or --ignore-chat-template)")
+    if a.prompt_lookup < 0:
+        p.error("--prompt-lookup must be >= 1 (the n-gram size), or 0 for off")
+    if a.num_draft_tokens is not None:
+        if a.num_draft_tokens < 1:
+            p.error("--num-draft-tokens must be at least 1")
+        if not (a.draft_model or a.prompt_lookup):
+            p.error("--num-draft-tokens needs --draft-model or --prompt-lookup")
+    if a.prompts_file is not None and (a.draft_model or a.prompt_lookup):
+        p.error("--prompts-file does not take --draft-model or --prompt-lookup (batched decoding is not speculative)")
 
 
 def _sampling(a) -> dict:
+    spec = {}
+    if a.draft_model or a.prompt_lookup:
+        k = a.num_draft_tokens or (3 if a.draft_model else 10)
+        spec = dict(draft_model=a.draft, num_draft_tokens=k, prompt_lookup=a.prompt_lookup)
     return dict(temperature=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed)
+                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed, **spec)
 
 
 def _kv(a) -> dict:
@@ -145,6 +166,10 @@ def _run_turn(model, tokenizer, ids, a, cache, desc) -> tuple[str, list[int]]:
     print(flush=True)
     if last is not None:
         print(_stats(last, desc), file=sys.stderr)
+        if a.verbose and last.spec_forwards:
+            print(f"speculative: {last.spec_accepted}/{last.spec_proposed} proposed tokens accepted, "
+                  f"{last.generation_tokens / last.spec_forwards:.2f} tokens per target forward "
+                  f"({last.spec_forwards} forwards)", file=sys.stderr)
     return text, out
 
 
@@ -153,7 +178,7 @@ def _chat(model, tokenizer, a, desc) -> None:
     whole conversation is re-rendered and only the tokens past the longest
     common prefix with what the cache holds are fed (the cache is trimmed back
     where the re-rendered text tokenizes differently)."""
-    cache, cached = new_cache(model, a.kv), []
+    cache, cached = new_cache(model, a.kv) + (a.draft.make_cache() if a.draft else []), []  # target's, then draft's
     messages = [{"role": "system", "content": a.system}] if a.system else []
     print("qwen-mlx chat: empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -218,6 +243,7 @@ def main(argv: Optional[list] = None) -> None:
     _check_args(p, a)
     from .distributed import rank_prefix, silence_other_ranks
     from .loader import is_quantized, load
+    from .speculative import load_draft
 
     rank0 = silence_other_ranks()  # under mlx.launch, rank 0 prints for all
     try:
@@ -232,8 +258,10 @@ def main(argv: Optional[list] = None) -> None:
         desc = f"{dtype}, {weights}, {device}" + (f", BLAS: {_blas.blas_name()}" if device == mx.cpu else "")
         if (n := mx.distributed.init().size()) > 1:
             desc += f", tensor parallel over {n} ranks (memory: rank 0's)"
+        a.draft = load_draft(a.draft_model, model, tokenizer, dtype=a.dtype, quantized=a.quantized) if a.draft_model else None
         if a.verbose:
-            print(f"loaded {a.model or 'the default model'} in {time.perf_counter() - tic:.1f} s ({desc})", file=sys.stderr)
+            print(f"loaded {a.model or 'the default model'}{' and the draft' if a.draft else ''} in "
+                  f"{time.perf_counter() - tic:.1f} s ({desc})", file=sys.stderr)
         if a.chat:
             return _chat(model, tokenizer, a, desc)
         if a.prompts_file:

@@ -16,6 +16,8 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .kv_cache import DEFAULT_QUANTIZED_KV_START, CacheOptions, cache_options, maybe_quantize, new_cache
+from .logprobs import log_softmax  # noqa: F401  (re-exported)
+from .speculative import SpecStats, speculative_generate_step
 
 
 @dataclass
@@ -30,22 +32,9 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: Optional[str] = None  # "stop" (EOS or stop string), "length", or None while going
     top_logprobs: Optional[list] = None  # [(token, logprob)] of the k most likely, when asked for
-
-
-def log_softmax(logits: mx.array, block: int = 256) -> mx.array:
-    """float32 log-softmax over the last axis, exact to ~1e-6 even for a 152k vocabulary.
-
-    The exponentials are summed in blocks of `block`, then the block sums: MLX's CPU reduction
-    accumulates one float32 sum sequentially, and `mx.logsumexp` over Qwen's 151936 logits is
-    off by up to ~1e-3 (perplexity by ~0.03%); blocked, the error is ~1e-6.
-    """
-    x = logits.astype(mx.float32)
-    x = x - mx.stop_gradient(x.max(axis=-1, keepdims=True))
-    e = mx.exp(x)
-    if pad := -x.shape[-1] % block:
-        e = mx.pad(e, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    s = e.reshape(*e.shape[:-1], -1, block).sum(-1).sum(-1, keepdims=True)
-    return x - mx.log(s)
+    spec_proposed: Optional[int] = None  # speculative decoding only: proposals verified so far,
+    spec_accepted: Optional[int] = None  # how many of them the target accepted,
+    spec_forwards: Optional[int] = None  # and target forward passes (tokens per forward: generation_tokens / this)
 
 
 class TextStream:
@@ -164,6 +153,9 @@ def stream_generate(
     kv_group_size: int = 64,
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
     max_kv_size: Optional[int] = None,
+    draft_model=None,
+    num_draft_tokens: int = 3,
+    prompt_lookup: int = 0,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream the continuation of `prompt` (a string, used as is, or token ids).
 
@@ -173,6 +165,11 @@ def stream_generate(
     cache across calls (the prompt is then only the new tokens).
     `kv_bits` / `kv_group_size` / `quantized_kv_start` quantize the KV cache and `max_kv_size`
     makes it a rotating window, as in mlx-lm (`qwen_mlx.kv_cache.cache_options`).
+
+    Speculative decoding (same output distribution, see `qwen_mlx.speculative`): `draft_model`
+    (a loaded model sharing the tokenizer) proposes `num_draft_tokens` tokens per target
+    forward; `prompt_lookup=n` proposes them from the latest n-gram's earlier occurrence. With a
+    draft model, a reused `cache` is the target's layers then the draft's.
     """
     kv = cache_options(kv_bits, kv_group_size, quantized_kv_start, max_kv_size)
     ids = encode_prompt(tokenizer, prompt)
@@ -199,10 +196,20 @@ def stream_generate(
             idx = mx.argpartition(-logprobs, top_logprobs - 1)[:top_logprobs]
             top = sorted(zip(idx.tolist(), logprobs[idx].tolist()), key=lambda t: -t[1])
         return GenerationResponse(text, token, logprobs[token].item(), len(ids), prompt_tps, n,
-                                  n / gen_time if gen_time > 0 else 0.0, mx.get_peak_memory() / 1e9, finish, top)
+                                  n / gen_time if gen_time > 0 else 0.0, mx.get_peak_memory() / 1e9, finish, top,
+                                  *((spec.proposed, spec.accepted, spec.forwards) if spec is not None else ()))
 
-    gen = generate_step(mx.array(ids, mx.uint32), model, max_tokens=max_tokens, sampler=sampler,
-                        logits_processors=processors, cache=cache, prefill_step_size=prefill_step_size, kv=kv)
+    spec = SpecStats() if draft_model is not None or prompt_lookup else None
+    if spec is not None:
+        if kv.kv_bits is not None or kv.max_kv_size is not None:
+            raise ValueError("speculative decoding needs the full-precision KV cache (no kv_bits or max_kv_size)")
+        gen = speculative_generate_step(
+            ids, model, draft_model=draft_model, num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup,
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            logits_processors=processors, cache=cache, prefill_step_size=prefill_step_size, stats=spec)
+    else:
+        gen = generate_step(mx.array(ids, mx.uint32), model, max_tokens=max_tokens, sampler=sampler,
+                            logits_processors=processors, cache=cache, prefill_step_size=prefill_step_size, kv=kv)
     for token, logprobs in gen:
         if n == 0:
             prompt_tps = len(ids) / (time.perf_counter() - tic)

@@ -52,12 +52,12 @@ def byte_tokens() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
-def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
+def tiny_vocab(merges: list[str] = MERGES) -> tuple[list[str], list[int], list[str]]:
     tokens = byte_tokens()
-    for m in MERGES:
+    for m in merges:
         tokens.append(m.replace(" ", ""))
     types = [1] * len(tokens) + [3] * len(SPECIALS)
-    return tokens + SPECIALS, types, MERGES
+    return tokens + SPECIALS, types, list(merges)
 
 
 def random_blocks(qtype: Q, rows: int, cols: int, rng: np.random.Generator, std: float = 0.02) -> np.ndarray:
@@ -107,13 +107,15 @@ def write_tiny_gguf(
     yarn_betas: tuple[float, float] | None = None,
     arch: str = "qwen2",
     qtypes: dict[str, Q | str] | None = None,
+    merges: list[str] | None = None,
 ) -> Path:
-    """Write the tiny model; `qtypes` overrides the type per GGUF name suffix (e.g. {"ffn_down": "Q6_K"})."""
+    """Write the tiny model; `qtypes` overrides the type per GGUF name suffix (e.g. {"ffn_down": "Q6_K"});
+    `merges` replaces the BPE merges (a different vocabulary)."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     qtype = Q[qtype] if isinstance(qtype, str) else qtype
     qtypes = {k: (Q[v] if isinstance(v, str) else v) for k, v in (qtypes or {}).items()}
-    tokens, types, merges = tiny_vocab()
+    tokens, types, merges = tiny_vocab(MERGES if merges is None else merges)
     vocab = len(tokens)
     head_dim = hidden // heads
 
