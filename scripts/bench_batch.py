@@ -31,28 +31,24 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qwen_mlx  # noqa: E402  (loads the optimized BLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 from mlx_lm.generate import batch_generate as mlx_lm_batch_generate  # noqa: E402
 
-from bench import GEOMETRIES, pair_from_model, pair_from_random  # noqa: E402
+from benchlib import GEOMETRIES, random_pair  # noqa: E402  (scripts/ is on sys.path: the script's own folder)
 from qwen_mlx.batch import batch_generate  # noqa: E402
 from qwen_mlx.loader import is_quantized  # noqa: E402
 from qwen_mlx.tokenizer import load_tokenizer  # noqa: E402
 
 
 def real_pair(path: str, dtype: str, quantized: bool, tmp: str):
-    """(ours, mlx-lm model, tokenizer) from a GGUF; quantized: mlx-lm loads our converted directory."""
-    if not quantized:
-        ours, ref = pair_from_model(path, dtype)
-        return ours, ref, qwen_mlx.load(path, dtype=dtype, quantized=False)[1]
+    """(ours, mlx-lm model, tokenizer) from a GGUF: mlx-lm loads our converter's directory of the same
+    weights (kept quantized, or dequantized to `dtype`, as ours)."""
     from mlx_lm.utils import load as mlx_lm_load
     from qwen_mlx.convert import convert
 
-    ours, tok = qwen_mlx.load(path, dtype=dtype, quantized=True)
-    out = convert(path, Path(tmp) / "converted", dtype=dtype, progress=False)
+    ours, tok = qwen_mlx.load(path, dtype=dtype, quantized=quantized)
+    out = convert(path, Path(tmp) / "converted", dtype=dtype, dequantize=not quantized, progress=False)
     return ours, mlx_lm_load(str(out))[0], tok
 
 
@@ -142,7 +138,7 @@ def main():
             tok.eos_token_ids = []
             for spec in a.random.split(","):
                 g, _, gen = spec.partition(":")
-                ours, ref = pair_from_random(g, "bf16" if gpu else "f32")
+                ours, ref = random_pair(g, "bf16" if gpu else "f32")
                 rows += bench_model(f"{g} {'bf16' if gpu else 'f32'} (random)", ours, ref, tok, batches,
                                     a.prompt_len, int(gen or a.gen), a.rounds)
                 del ours, ref

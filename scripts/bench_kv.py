@@ -3,7 +3,7 @@
     python scripts/bench_kv.py                                  # GPU: 7B geometry, 32k context
     python scripts/bench_kv.py --geometry tiny --weights f32 --kv-group-size 32 --context 1024 --gen 16  # CPU
 
-Both libraries get the same random weights (scripts/bench.py's `pair_from_random`) and the same
+Both libraries get the same random weights (scripts/benchlib.py's `random_pair`) and the same
 random prompt of `--context` tokens. For each KV setting (full = the compute dtype, bf16 on a GPU; 8-bit; 4-bit;
 quantized from the start, `quantized_kv_start=0`, groups of `--kv-group-size` 64) each library prefills the prompt
 once with its own `generate_step` (chunks of 2048), and the KV cache bytes and the peak memory of
@@ -22,8 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import GEOMETRIES, pair_from_random  # noqa: E402  (also puts the project on sys.path)
+from benchlib import GEOMETRIES, random_pair  # noqa: E402  (scripts/ is on sys.path: the script's own folder)
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.generate import generate_step as mlx_lm_generate_step  # noqa: E402
@@ -73,7 +72,7 @@ def main():
     a = p.parse_args()
     print(f"device: {mx.default_device()}, mlx {mx.__version__}, geometry {a.geometry}, weights {a.weights}, "
           f"context {a.context}, {a.gen} tokens x {a.rounds} rounds", flush=True)
-    ours, ref = pair_from_random(a.geometry, a.weights)
+    ours, ref = random_pair(a.geometry, a.weights)
     models = {"qwen_mlx": ours, "mlx_lm": ref}
     prompt = mx.random.randint(0, 151000, (a.context,), key=mx.random.key(0)).astype(mx.uint32)
     cases = {}  # (setting, lib) -> dict(step, cache, last token, kv bytes, peak)
