@@ -72,7 +72,9 @@ def tiny(tiny_gguf):
 
 
 def fresh_prompts(n_list, seed=None):
-    rng = np.random.default_rng(seed)
+    """Random prompts of the given lengths, seeded (by default from the lengths, so each call site
+    gets its own fixed inputs and a failure reproduces)."""
+    rng = np.random.default_rng(seed if seed is not None else [len(n_list), *n_list])
     return [rng.integers(0, 283, n).tolist() for n in n_list]
 
 
@@ -172,7 +174,11 @@ def test_top_logprobs_remove_and_caches(tiny):
     """top_logprobs as stream_generate's; a sequence cancelled mid-run leaves the others as they
     would be alone; a finished sequence's cache continues exactly; a prefix cache goes in."""
     _, model, tok = tiny
-    p0, p1, p2 = fresh_prompts([30, 8, 60])
+    p0, p2 = fresh_prompts([30, 60])
+    # the sequence to cancel must still be running at step 4: a prompt whose greedy run alone goes
+    # past 8 tokens without EOS
+    p1 = next(p for i in range(50) for p in fresh_prompts([8], seed=i)
+              if len(single(model, tok, p, max_tokens=8)[0]) == 8)
     gen = BatchGenerator(model, tok, max_batch=4)
     u0 = gen.insert(p0, max_tokens=12, top_logprobs=3)
     u1 = gen.insert(p1, max_tokens=40)
