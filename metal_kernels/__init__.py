@@ -4,6 +4,7 @@
     K.rms_norm(x, w, eps)                       # x [..., D]
     h, y = K.add_rms_norm(x, r, w, eps)         # h = x + r, y = rms_norm(h)
     K.rope(x, offset, base, freqs=None, mscale=1.0)              # x [B, H, L, D], NeoX
+    # offset: an int, a 1-element array, or a [B] array (one start position per row; reference only)
     q, k, v = K.qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.0)
     K.swiglu(gate_up)                           # silu(gate) * up
 
@@ -84,12 +85,19 @@ def add_rms_norm(x, residual, weight, eps):
     return (kernels if _use("add_rms_norm", x) else reference).add_rms_norm(x, residual, weight, eps)
 
 
+def _per_row(offset) -> bool:
+    """An offset per batch row ([B] array, batched generation): the kernels take one offset, so the
+    reference (mx.fast.rope, which takes either) runs."""
+    return isinstance(offset, mx.array) and offset.size > 1
+
+
 def rope(x, offset, base, freqs=None, mscale=1.0):
-    return (kernels if _use("rope", x) else reference).rope(x, offset, base, freqs, mscale)
+    impl = kernels if _use("rope", x) and not _per_row(offset) else reference
+    return impl.rope(x, offset, base, freqs, mscale)
 
 
 def qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.0):
-    impl = kernels if _use("qkv_post", qkv) else reference
+    impl = kernels if _use("qkv_post", qkv) and not _per_row(offset) else reference
     return impl.qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs, mscale)
 
 

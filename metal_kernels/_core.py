@@ -2,9 +2,11 @@
 
 A kernel file is a comment header (what it does, its grid and inputs; it
 becomes the kernel's `header` text) and, after the line `// ---- body ----`,
-the body of the kernel function. On Metal the body goes to
-`mx.fast.metal_kernel` as is; on CUDA the same body goes to
-`mx.fast.cuda_kernel` with `msl_compat.h` in front of the header.
+the body of the kernel function. The device helpers the bodies share
+(block sum, RoPE rotation, rounding) are in `common.h`, pasted in front of
+every kernel's header. On Metal the body goes to `mx.fast.metal_kernel` as
+is; on CUDA the same body goes to `mx.fast.cuda_kernel` with `msl_compat.h`
+in front (common.h inside it, before its address-space macros).
 
 Kernel names carry a hash of their source: MLX's CUDA backend caches compiled
 kernels by name only (in memory and as PTX files under /tmp/mlx/<version>/ptx),
@@ -40,8 +42,32 @@ def load_source(name: str) -> tuple[str, str]:
 
 
 @lru_cache(maxsize=None)
+def common_header() -> str:
+    """metal_kernels/common.h: the device helpers every body may call (block sum, RoPE pair, rounding)."""
+    return (DIR / "common.h").read_text()
+
+
+@lru_cache(maxsize=None)
 def compat_header() -> str:
     return (DIR / "msl_compat.h").read_text()
+
+
+ADDRESS_SPACE_MARK = "// ---- address spaces ----"
+
+
+def full_header(name: str, backend: str) -> str:
+    """The `header` text of kernel <name> on `backend`: common.h, then the file's own comment header;
+    on CUDA msl_compat.h comes first, with common.h pasted before its address-space macros."""
+    header = load_source(name)[0]
+    if backend == "metal":
+        return common_header() + "\n" + header
+    if backend == "cuda":
+        compat = compat_header()
+        if ADDRESS_SPACE_MARK not in compat:
+            raise ValueError(f"msl_compat.h: no '{ADDRESS_SPACE_MARK}' line")
+        before, after = compat.split(ADDRESS_SPACE_MARK, 1)
+        return before + common_header() + "\n" + ADDRESS_SPACE_MARK + after + "\n" + header
+    raise ValueError(f"no kernel back end {backend!r} (want 'metal' or 'cuda')")
 
 
 def gpu_backend() -> str | None:
@@ -56,18 +82,12 @@ def gpu_backend() -> str | None:
 @lru_cache(maxsize=None)
 def get_kernel(name: str, input_names: tuple, output_names: tuple, backend: str):
     """The MLX kernel object for <name>.metal on `backend` ('metal' or 'cuda'), built once."""
-    header, body = load_source(name)
-    if backend == "metal":
-        full_header = header
-        make = mx.fast.metal_kernel
-    elif backend == "cuda":
-        full_header = compat_header() + "\n" + header
-        make = mx.fast.cuda_kernel
-    else:
-        raise ValueError(f"no kernel back end {backend!r} (want 'metal' or 'cuda')")
-    tag = hashlib.sha1((full_header + body).encode()).hexdigest()[:10]
+    body = load_source(name)[1]
+    header = full_header(name, backend)
+    make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    tag = hashlib.sha1((header + body).encode()).hexdigest()[:10]
     return make(name=f"qwen_{name}_{tag}", input_names=list(input_names), output_names=list(output_names),
-                source=body, header=full_header, ensure_row_contiguous=True)
+                source=body, header=header, ensure_row_contiguous=True)
 
 
 def round_up(n: int, m: int) -> int:

@@ -8,7 +8,8 @@ the body synchronizes; otherwise its threads run one after another. Threadgroups
 run one at a time, so `threadgroup` variables are function statics. bfloat16
 is a 16-bit struct that rounds to nearest even; float16 is _Float16.
 
-This checks a body's indexing, guards and arithmetic; it proves nothing about
+common.h (the helpers the bodies share) is compiled in front of every body, as on the
+GPU back ends. This checks a body's indexing, guards and arithmetic; it proves nothing about
 the Metal or CUDA compilers (tests/test_kernels.py checks the Metal source, and
 the GPU tests run the real thing).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._core import load_source
+from ._core import common_header, load_source
 
 CXX = next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
 _CACHE = Path(tempfile.gettempdir()) / "qwen_mlx_emu"
@@ -77,6 +79,11 @@ inline float simd_sum(float v) {
   g_group->simd[sg]->arrive_and_wait();
   return s;
 }
+#define METAL_FUNC inline
+#define THREADGROUP_PTR
+"""
+
+_ADDRESS_SPACES = r"""
 #define threadgroup static
 #define device
 #define constant
@@ -176,8 +183,10 @@ def run(name: str, inputs: list, outputs: list, template: list, grid: int, threa
         args.append(f"({ct[k]}*)buf_{n}.data()")
         store.append(f'wr("{n}", buf_{n});')
     args.append(_ATTRS)
-    threaded = "true" if ("barrier" in body or "simd_" in body) else "false"
-    src = (_PRELUDE + f"void kernel_body({', '.join(params)}) {{\n{consts}\n{body}\n}}\n"
+    # threads of a group must run together when the body synchronizes (directly or through common.h's
+    # threadgroup_sum, whose callers all declare threadgroup memory)
+    threaded = "true" if re.search(r"barrier|simd_|\bthreadgroup\b", body) else "false"
+    src = (_PRELUDE + common_header() + _ADDRESS_SPACES + f"void kernel_body({', '.join(params)}) {{\n{consts}\n{body}\n}}\n"
            + _MAIN.replace("@LOAD@", "\n  ".join(load)).replace("@ARGS@", ", ".join(args))
            .replace("@STORE@", "\n  ".join(store)).replace("@THREADED@", threaded))
     _CACHE.mkdir(exist_ok=True)

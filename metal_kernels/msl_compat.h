@@ -119,6 +119,14 @@ __device__ __forceinline__ float divide(float a, float b) { return ::__fdividef(
 }  // namespace fast
 }  // namespace metal
 
+// The helpers in common.h: device functions, and pointers to threadgroup
+// memory are plain pointers. _core.py pastes common.h right here, before the
+// address-space macros below (after them, __device__ would expand to
+// __attribute__(()) and the helpers would become host functions).
+#define METAL_FUNC __device__ __forceinline__
+#define THREADGROUP_PTR
+
+// ---- address spaces ----
 // Address-space qualifiers: CUDA has one generic address space for pointers,
 // and threadgroup memory is __shared__. These come last: CUDA's own
 // __device__ / __constant__ expand to __attribute__((device)) /

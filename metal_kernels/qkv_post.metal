@@ -33,10 +33,8 @@ const uint bb = bl / L;
 
 const size_t in_idx = size_t(bl) * (NH * D) + head * D + i;
 const uint bias_idx = head * D + i;
-float a = static_cast<float>(static_cast<T>(
-    static_cast<float>(qkv[in_idx]) + static_cast<float>(static_cast<T>(static_cast<float>(bias[bias_idx])))));
-float b = static_cast<float>(static_cast<T>(
-    static_cast<float>(qkv[in_idx + HALF]) + static_cast<float>(static_cast<T>(static_cast<float>(bias[bias_idx + HALF])))));
+const float a = round_to<T>(static_cast<float>(qkv[in_idx]) + round_to<T>(static_cast<float>(bias[bias_idx])));
+const float b = round_to<T>(static_cast<float>(qkv[in_idx + HALF]) + round_to<T>(static_cast<float>(bias[bias_idx + HALF])));
 
 if (head >= HQ + HKV) {
   const size_t o = (size_t(bb * HKV + (head - HQ - HKV)) * L + l) * D + i;
@@ -45,14 +43,10 @@ if (head >= HQ + HKV) {
   return;
 }
 
-const float ms = static_cast<float>(static_cast<T>(mscale[0]));
-a = static_cast<float>(static_cast<T>(a * ms));
-b = static_cast<float>(static_cast<T>(b * ms));
-const float theta = float(pos0[0] + int(l)) * (1.0f / freqs[i]);
-const float c = metal::precise::cos(theta);
-const float s = metal::precise::sin(theta);
-const T r1 = static_cast<T>(a * c - b * s);
-const T r2 = static_cast<T>(a * s + b * c);
+const float ms = round_to<T>(mscale[0]);
+const RotatedPair r = rope_pair(round_to<T>(a * ms), round_to<T>(b * ms), pos0[0] + int(l), freqs[i]);
+const T r1 = static_cast<T>(r.first);
+const T r2 = static_cast<T>(r.second);
 if (head < HQ) {
   const size_t o = (size_t(bb * HQ + head) * L + l) * D + i;
   q[o] = r1;

@@ -21,13 +21,14 @@ def add_rms_norm(x: mx.array, residual: mx.array, weight: mx.array, eps: float) 
 
 
 def rope(x: mx.array, offset, base: float | None, freqs: mx.array | None = None, mscale: float = 1.0) -> mx.array:
-    """NeoX RoPE of x [B, H, L, D] at positions offset..offset+L-1 (offset: int or 1-element int32 array).
+    """NeoX RoPE of x [B, H, L, D] at positions offset..offset+L-1 (offset: int, 1-element int32 array,
+    or [B] int array: row b starts at offset[b], as mlx-lm's BatchKVCache.offset).
 
     With `freqs` (YaRN), x is first multiplied by `mscale`, as mlx-lm's YarnRoPE does.
     """
     if mscale != 1.0:
         x = x * mscale
-    if isinstance(offset, mx.array):
+    if isinstance(offset, mx.array) and offset.size == 1:
         offset = offset.reshape(())
     return mx.fast.rope(x, x.shape[-1], traditional=False, base=None if freqs is not None else base,
                         scale=1.0, offset=offset, freqs=freqs)

@@ -28,15 +28,7 @@ for (int j = 0; j < N; j++) {
 }
 
 threadgroup float partial[TG / 32];
-ss = simd_sum(ss);
-if (thread_index_in_simdgroup == 0) {
-  partial[simdgroup_index_in_threadgroup] = ss;
-}
-threadgroup_barrier(mem_flags::mem_threadgroup);
-float total = 0.0f;
-for (int s = 0; s < TG / 32; s++) {
-  total += partial[s];
-}
+const float total = threadgroup_sum<TG>(ss, partial, thread_index_in_simdgroup, simdgroup_index_in_threadgroup);
 const float n = metal::precise::rsqrt(total / float(D) + eps[0]);
 
 for (int j = 0; j < N; j++) {

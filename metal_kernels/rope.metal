@@ -24,13 +24,11 @@ const uint i = g % HALF;
 const uint row = g / HALF;  // (b, h, l) flattened
 const uint l = row % L;
 
-const float ms = static_cast<float>(static_cast<T>(mscale[0]));
+const float ms = round_to<T>(mscale[0]);
 const size_t a_idx = size_t(row) * D + i;
-const float a = static_cast<float>(static_cast<T>(static_cast<float>(x[a_idx]) * ms));
-const float b = static_cast<float>(static_cast<T>(static_cast<float>(x[a_idx + HALF]) * ms));
+const float a = round_to<T>(static_cast<float>(x[a_idx]) * ms);
+const float b = round_to<T>(static_cast<float>(x[a_idx + HALF]) * ms);
 
-const float theta = float(pos0[0] + int(l)) * (1.0f / freqs[i]);
-const float c = metal::precise::cos(theta);
-const float s = metal::precise::sin(theta);
-out[a_idx] = static_cast<T>(a * c - b * s);
-out[a_idx + HALF] = static_cast<T>(a * s + b * c);
+const RotatedPair r = rope_pair(a, b, pos0[0] + int(l), freqs[i]);
+out[a_idx] = static_cast<T>(r.first);
+out[a_idx + HALF] = static_cast<T>(r.second);

@@ -22,7 +22,6 @@ an existing OUTPUT_DIR is only replaced with --force; on any error nothing is le
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from typing import Optional, Union
 import mlx.core as mx
 import transformers
 
+from .cli import ArgumentParser, runtime_error
 from .gguf import GGUFError, expected_shapes, field, gguf_config, gguf_quantized_weights, gguf_weights, open_gguf
 from .loader import DTYPES, CheckpointError, read_checkpoint
 from .quant import dequantize_weights
@@ -224,7 +224,7 @@ def _replace(tmp: Path, out: Path) -> None:
 # ---- command line --------------------------------------------------------------------------
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qwen_mlx.convert", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m qwen_mlx.convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("input", help="a Qwen2 GGUF file or a Hugging Face Qwen2 directory")
     ap.add_argument("output", help="the MLX model directory to write")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float16",
@@ -242,11 +242,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = convert(args.input, args.output, args.dtype, args.q_bits, args.q_group_size, args.dequantize,
                       args.force, progress=not args.quiet)
     except (ConvertError, GGUFError, OSError, ValueError) as e:
-        msg = " ".join(str(e).split())
-        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
-            msg = f"{e.filename}: {msg}"
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+        return runtime_error(e)
     if not args.quiet:
         size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
         print(f"wrote {out} ({size:.0f} MiB) in {time.perf_counter() - start:.1f} s", file=sys.stderr)

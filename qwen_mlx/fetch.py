@@ -36,7 +36,7 @@ def default_model_path(download: bool = True, quiet: bool = False) -> Path:
     if path.is_file() and path.stat().st_size == DEFAULT_MODEL_SIZE:
         return path
     if not download:
-        raise FileNotFoundError(f"{path}: default model not in the cache (run scripts/fetch_model.py)")
+        raise FileNotFoundError(f"{path}: default model not in the cache (run python -m qwen_mlx.fetch)")
     return fetch_default_model(path, quiet=quiet)
 
 
@@ -77,17 +77,19 @@ def fetch_default_model(path: Path | None = None, quiet: bool = False) -> Path:
     return path
 
 
-def main() -> None:
-    import argparse
+def main(argv=None) -> int:
+    """`python -m qwen_mlx.fetch`: fetch the default model into the cache, print its path."""
+    from .cli import ArgumentParser, runtime_error
 
-    p = argparse.ArgumentParser(description="Fetch the default model into the qwen_mlx cache.")
+    p = ArgumentParser(prog="python -m qwen_mlx.fetch", description="Fetch the default model into the qwen_mlx cache.")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         print(default_model_path(quiet=args.quiet))
     except (RuntimeError, OSError) as e:
-        sys.exit(f"error: {e}")
+        return runtime_error(e)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -287,9 +287,8 @@ def _workers() -> int:
 _CHUNK = 1 << 18  # elements per job: big enough for numpy, small enough for the cache
 
 
-def _row_jobs(t, fn) -> list:
-    """Jobs fn(i, j) over row chunks of tensor `t`."""
-    shape = _shape(t)
+def _row_jobs(shape, fn) -> list:
+    """Jobs fn(i, j) over row chunks of an array of `shape`."""
     rows, step = (shape[0], max(1, _CHUNK // shape[-1])) if len(shape) > 1 else (1, 1)
     return [(fn, i, min(i + step, rows)) for i in range(0, rows, step)]
 
@@ -313,22 +312,37 @@ def _shares_memory() -> bool:
     return _SHARED
 
 
-def _dequantize_jobs(t):
-    """A float32 array for tensor `t` and the jobs that dequantize into it: straight into an MLX
-    array's buffer where numpy views share its memory (saves a copy of the model), else numpy."""
-    shape = _shape(t)
+def _part(t, part: Optional[tuple[int, int, int]]):
+    """(shape, raw rows, column slice) of the part (axis, start, stop) of tensor `t` that one rank
+    of a tensor-parallel group holds (None: all of it). Rows are sliced in the raw data (each row
+    is whole GGUF blocks); columns after converting row chunks, so any block size works. A 1-D
+    tensor is one row, sliced by columns."""
+    shape, raw = _shape(t), t.data.reshape(-1, t.data.shape[-1])
+    if part is None:
+        return shape, raw, slice(None)
+    axis, start, stop = part
+    if axis == 0 and len(shape) == 2:
+        return (stop - start, shape[1]), raw[start:stop], slice(None)
+    return shape[:-1] + (stop - start,), raw, slice(start, stop)
+
+
+def _dequantize_jobs(t, part=None):
+    """A float32 array for tensor `t` (or its `part`, see `_part`) and the jobs that dequantize into
+    it: straight into an MLX array's buffer where numpy views share its memory (saves a copy of the
+    model), else numpy."""
+    shape, raw, cols = _part(t, part)
     if _shares_memory():
         out = mx.zeros(shape, mx.float32)
         mx.eval(out)
         view = np.array(out, copy=False)
     else:
         out = view = np.empty(shape, np.float32)
-    rows, raw = view.reshape(-1, shape[-1]), t.data.reshape(-1, t.data.shape[-1])
+    rows = view.reshape(-1, shape[-1])
 
     def fill(i, j):
-        rows[i:j] = gguf.quants.dequantize(raw[i:j], t.tensor_type)
+        rows[i:j] = gguf.quants.dequantize(raw[i:j], t.tensor_type)[:, cols]
 
-    return out, _row_jobs(t, fill)
+    return out, _row_jobs(shape, fill)
 
 
 def _run(jobs: dict[str, list], progress: bool) -> None:
@@ -343,31 +357,37 @@ def _run(jobs: dict[str, list], progress: bool) -> None:
 
 
 def gguf_weights(reader: gguf.GGUFReader, dtype: mx.Dtype = mx.float32,
-                 progress: bool = False) -> dict[str, mx.array]:
+                 progress: bool = False, shard=None) -> dict[str, mx.array]:
     """Every tensor, dequantized with gguf.quants.dequantize and cast to `dtype`, under mlx-lm's
-    qwen2 names; matrices are [out_features, in_features]."""
-    weights, _ = gguf_quantized_weights(reader, dtype, progress=progress, quantize=False)
+    qwen2 names; matrices are [out_features, in_features]. `shard` as in `gguf_quantized_weights`."""
+    weights, _ = gguf_quantized_weights(reader, dtype, progress=progress, quantize=False, shard=shard)
     return weights
 
 
-def _quantize_jobs(t, bits: int, group: int, dtype: mx.Dtype):
-    """Output arrays (q uint32, scales, biases float32) for tensor `t`, and the jobs that fill them
-    (`quant.gguf_blocks_to_affine` over row chunks)."""
-    rows, cols = _shape(t)
+def _quantize_jobs(t, bits: int, group: int, dtype: mx.Dtype, part=None):
+    """Output arrays (q uint32, scales, biases float32) for tensor `t` (or its `part`, see `_part`),
+    and the jobs that fill them (`quant.gguf_blocks_to_affine` over row chunks). A column part is
+    cut from whole rows' output on group boundaries: exact, the packed codes being a bit stream."""
+    (rows, cols), raw, sl = _part(t, part)
+    codes, groups = slice(None), slice(None)
+    if sl.start is not None:
+        if sl.start % group or cols % group or cols * bits % 32:
+            raise ValueError(f"{t.name}: columns {sl.start}:{sl.stop} do not fall on whole {bits}-bit groups "
+                             f"of {group}; use fewer ranks or load dequantized")
+        codes, groups = slice(sl.start * bits // 32, sl.stop * bits // 32), slice(sl.start // group, sl.stop // group)
     out = (np.empty((rows, cols * bits // 32), np.uint32), np.empty((rows, cols // group), np.float32),
            np.empty((rows, cols // group), np.float32))
-    raw = t.data.reshape(rows, -1)
 
     def fill(i, j):
-        out[0][i:j], out[1][i:j], out[2][i:j] = quant.gguf_blocks_to_affine(raw[i:j], t.tensor_type, bits, group,
-                                                                              dtype)
+        q, scale, bias = quant.gguf_blocks_to_affine(raw[i:j], t.tensor_type, bits, group, dtype)
+        out[0][i:j], out[1][i:j], out[2][i:j] = q[:, codes], scale[:, groups], bias[:, groups]
 
-    return out, _row_jobs(t, fill)
+    return out, _row_jobs((rows, cols), fill)
 
 
 def gguf_quantized_weights(reader: gguf.GGUFReader, dtype: mx.Dtype = mx.float16,
                            requant: Optional[tuple[int, int]] = None, progress: bool = False,
-                           quantize: bool = True) -> tuple[dict[str, mx.array], Optional[dict]]:
+                           quantize: bool = True, shard=None) -> tuple[dict[str, mx.array], Optional[dict]]:
     """Weights with the GGUF's quantized matrices kept quantized, in MLX's affine format.
 
     Returns (weights, quantization). A quantized matrix `X.weight` becomes `X.weight` (uint32,
@@ -380,12 +400,15 @@ def gguf_quantized_weights(reader: gguf.GGUFReader, dtype: mx.Dtype = mx.float16
     differs (e.g. "model.layers.0.mlp.down_proj"); None when nothing is quantized. Load it as
     mlx-lm does: nn.quantize(model, G, B, class_predicate=lambda p, m: quantization.get(p,
     f"{p}.scales" in weights)), then model.load_weights(list(weights.items())).
+    `shard(name, [out, in] shape)` -> (axis, start, stop) or None reads only that part of each
+    tensor (one tensor-parallel rank's slice, see qwen_mlx.distributed); None reads everything.
     """
     tensors = check_tensors(reader, gguf_config(reader))
     plans = {n: quant.plan(t.tensor_type, _shape(t), requant) if quantize else None for n, t in tensors.items()}
     outs, jobs = {}, {}
     for n, t in tensors.items():
-        outs[n], jobs[n] = _quantize_jobs(t, *plans[n], dtype) if plans[n] else _dequantize_jobs(t)
+        part = shard(n, _shape(t)) if shard else None
+        outs[n], jobs[n] = _quantize_jobs(t, *plans[n], dtype, part) if plans[n] else _dequantize_jobs(t, part)
     _run(jobs, progress)
     weights = {}
     for n, out in outs.items():

@@ -31,7 +31,7 @@ def resolve_dtype(dtype: Union[None, str, mx.Dtype]) -> mx.Dtype:
 
 
 def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] = None,
-         quantized: Optional[bool] = None):
+         quantized: Optional[bool] = None, shard=None):
     """Load a Qwen2 model and its tokenizer.
 
     path: a `.gguf` file, or a directory written by `python -m qwen_mlx.convert`
@@ -41,10 +41,18 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
     are repacked exactly where the formats allow, see docs/quantization.md) or
     dequantize them to `dtype`. None: quantized on a GPU, dequantized on a CPU (MLX's
     CPU quantized matmul is ~10x slower than its float32 path).
+    shard: tensor parallelism (docs/distributed.md). None: split the model over the ranks of
+    `mlx.launch`'s group when there is more than one, each rank reading only its own slices;
+    False: load the whole model; True or an `mx.distributed.Group`: split over that group.
     Returns (model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper
     around a transformers tokenizer (encode / decode / apply_chat_template), built
     the same way for both sources (`qwen_mlx.tokenizer.load_tokenizer`).
     """
+    from . import distributed as dist
+
+    group = dist.resolve_group(shard)
+    rank, n = (group.rank(), group.size()) if group else (0, 1)
+    part = (lambda name, shape: dist.weight_part(name, shape, rank, n)) if group else None
     if path is None:
         from .fetch import default_model_path
 
@@ -54,6 +62,9 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
     quantized = mx.default_device() != mx.cpu if quantized is None else quantized
     if path.is_dir():
         config, weights, tokenizer = _read_directory(path)
+        if group:
+            dist.check_shardable(config, n)
+            weights = dist.slice_checkpoint(weights, config.get("quantization") or {}, rank, n)
         if not quantized:
             weights = dequantize_weights(weights, config.get("quantization") or {})
     else:
@@ -63,31 +74,41 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
         reader = open_gguf(path)
         config = gguf_config(reader)
         tokenizer = load_tokenizer(reader)
+        if group:
+            dist.check_shardable(config, n)
         if quantized:
-            weights, _ = gguf_quantized_weights(reader, dtype)
+            weights, _ = gguf_quantized_weights(reader, dtype, shard=part)
         else:
-            weights = gguf_weights(reader, dtype)
-    model = build_model(config, weights, dtype)
+            weights = gguf_weights(reader, dtype, shard=part)
+    model = build_model(config, weights, dtype, group)
+    if group:
+        dist.sync_seed(group)
     return model, tokenizer
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    return any("scales" in m for _, m in model.named_modules())
 
 
-def build_model(config: dict, weights: dict, dtype: mx.Dtype) -> Model:
+def build_model(config: dict, weights: dict, dtype: mx.Dtype, group=None) -> Model:
     """Instantiate `Model` from an HF-style config and checkpoint-named weights (quantized ones
-    as mlx-lm stores them: `X.weight` uint32, `X.scales`, `X.biases`)."""
+    as mlx-lm stores them: `X.weight` uint32, `X.scales`, `X.biases`). With a `group`, the
+    weights are one rank's slices (`distributed.weight_part`) and the model is sharded to match."""
+    from .distributed import COLUMN_SHARDED
+
     model = Model(ModelArgs.from_dict(config))
     weights = model.sanitize(dict(weights))
+    n = group.size() if group else 1
 
     def quantized(path, module):  # bits and group size follow from the shapes
         if (scales := weights.get(f"{path}.scales")) is None:
             return False
-        d = module.weight.shape[-1]
+        d = module.weight.shape[-1] // (n if path.endswith(COLUMN_SHARDED) else 1)  # this rank's inputs
         return {"group_size": d // scales.shape[-1], "bits": weights[f"{path}.weight"].shape[-1] * 32 // d}
 
     nn.quantize(model, class_predicate=quantized)
+    if group:  # before any parameter is evaluated: the full-size initial weights are never built
+        model.shard(group)
     weights = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())

@@ -9,7 +9,16 @@ What shapes the code:
 - q/k/v and gate/up are fused projections (`qkv_proj`, `gate_up_proj`): one
   matmul each instead of three and two. `Model.sanitize` concatenates the
   separate checkpoint weights (mlx-lm / Hugging Face names) at load time.
-- The KV cache is mlx-lm's `KVCache` (preallocated in steps of 256 positions).
+  Quantized q/k/v in different formats (e.g. Q5_0 q/k, Q8_0 v) must first be
+  promoted to the widest one; `ModelArgs.fuse_qkv` (default from the
+  environment variable QWEN_MLX_FUSE_QKV) chooses: "always" fuses (promoting),
+  "same-format" keeps q/k/v as three projections where their formats differ,
+  "never" never fuses them. Unfused, the three outputs are concatenated before
+  `K.qkv_post`, so everything after the projections is the same.
+- The KV cache is mlx-lm's: `KVCache` (preallocated in steps of 256 positions), or
+  `QuantizedKVCache` / `RotatingKVCache` (`make_cache`); attention goes through mlx-lm's
+  `scaled_dot_product_attention`, which reads a quantized cache with quantized matmuls, and the
+  mask comes from the cache (a rotating window needs a windowed mask). See `qwen_mlx.kv_cache`.
 - The hot elementwise work goes through `metal_kernels` (`K.*`): fused
   add+RMSNorm, bias+RoPE+head-split after the q/k/v matmul, SwiGLU. Each op
   has a hand-written Metal kernel, used on a GPU only where it measured faster
@@ -26,13 +35,16 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from dataclasses import dataclass, fields
+import math
+import os
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
-from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.rope_utils import YarnRoPE, initialize_rope
 
 import metal_kernels as K
 
@@ -64,6 +76,9 @@ def _scoped_taps(forward):
     return call
 
 
+FUSE_QKV = ("always", "same-format", "never")
+
+
 @dataclass
 class ModelArgs:
     hidden_size: int
@@ -78,6 +93,11 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None
     tie_word_embeddings: bool = True
     model_type: str = "qwen2"
+    fuse_qkv: str = field(default_factory=lambda: os.environ.get("QWEN_MLX_FUSE_QKV", "always"))
+
+    def __post_init__(self):
+        if self.fuse_qkv not in FUSE_QKV:
+            raise ValueError(f"fuse_qkv {self.fuse_qkv!r} (or QWEN_MLX_FUSE_QKV): want one of {', '.join(FUSE_QKV)}")
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
@@ -94,6 +114,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.scale = d**-0.5
+        self._dims = (args.hidden_size, self.n_heads * d, self.n_kv_heads * d)
         self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * d, bias=False)
         self.qkv_bias = mx.zeros(((self.n_heads + 2 * self.n_kv_heads) * d,))
         self.o_proj = nn.Linear(self.n_heads * d, args.hidden_size, bias=False)
@@ -104,18 +125,28 @@ class Attention(nn.Module):
         if not isinstance(rope, nn.RoPE) and not hasattr(rope, "_freqs"):
             raise ValueError(f"unsupported rope_scaling {args.rope_scaling}")
         self._rope = {"base": getattr(rope, "base", None), "freqs": getattr(rope, "_freqs", None),
-                      "mscale": getattr(rope, "mscale", 1.0)}
+                      "mscale": yarn_attention_factor(args.rope_scaling) if isinstance(rope, YarnRoPE) else 1.0}
         if isinstance(rope, nn.RoPE) and rope.scale != 1.0:
             raise ValueError(f"unsupported rope_scaling {args.rope_scaling} (linear)")
+
+    def split_qkv(self) -> None:
+        """Three projections q_proj/k_proj/v_proj instead of qkv_proj (see ModelArgs.fuse_qkv)."""
+        hidden, nq, nkv = self._dims
+        del self["qkv_proj"]
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(hidden, n, bias=False) for n in (nq, nkv, nkv))
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Optional[KVCache] = None, name: str = "") -> mx.array:
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q, k, v = K.qkv_post(self.qkv_proj(x), self.qkv_bias, self.n_heads, self.n_kv_heads, offset, **self._rope)
+        qkv = (self.qkv_proj(x) if "qkv_proj" in self
+               else mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1))
+        q, k, v = K.qkv_post(qkv, self.qkv_bias, self.n_heads, self.n_kv_heads, offset, **self._rope)
         q, k, v = tap(name + "q", q), tap(name + "k", k), tap(name + "v", v)  # [B, heads, L, head_dim]
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+            if _TAP.get() is not None and hasattr(cache, "bits"):  # mlx-lm's quantized attention scales q in place
+                q = mx.array(q)
+        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         o = tap(name + "attn_out", o.transpose(0, 2, 1, 3).reshape(B, L, -1))
         return tap(name + "o_proj", self.o_proj(o))
 
@@ -163,8 +194,8 @@ class Qwen2Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None, mask: Optional[mx.array] = None) -> mx.array:
         h, r = tap("embed", self.embed_tokens(inputs)), None
-        if mask is None:
-            mask = "causal" if h.shape[1] > 1 else None
+        if mask is None:  # "causal", None for one token, or a windowed mask for a full rotating cache
+            mask = create_attention_mask(h, cache[0] if cache else None)
         for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
             h, r = layer(h, r, mask, c)
         return tap("final_norm", K.add_rms_norm(r, h, self.norm.weight, self.norm.eps)[1])
@@ -199,7 +230,21 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def make_cache(self) -> list[KVCache]:
+    def shard(self, group: Optional[mx.distributed.Group] = None) -> "Model":
+        """Tensor parallelism over `group` (default: mlx.launch's): see qwen_mlx.distributed."""
+        from .distributed import shard_model
+
+        return shard_model(self, group)
+
+    def make_cache(self, max_kv_size: Optional[int] = None, keep: int = 4, kv_bits: Optional[int] = None,
+                   kv_group_size: int = 64) -> list:
+        """One mlx-lm cache per layer: `KVCache`; with `max_kv_size`, a `RotatingKVCache` keeping the
+        first `keep` and the most recent positions; with `kv_bits`, a `QuantizedKVCache` from the
+        first token on. Options are checked and combined in `qwen_mlx.kv_cache`."""
+        if max_kv_size is not None:
+            return [RotatingKVCache(max_size=max_kv_size, keep=keep) for _ in self.layers]
+        if kv_bits is not None:
+            return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in self.layers]
         return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -209,7 +254,9 @@ class Model(nn.Module):
             weights.pop("lm_head.weight", None)
         for i in range(self.args.num_hidden_layers):
             p = f"model.layers.{i}."
-            _fuse(weights, p, [f"self_attn.{n}_proj" for n in "qkv"], "self_attn.qkv_proj", self.args.hidden_size)
+            if not _fuse(weights, p, [f"self_attn.{n}_proj" for n in "qkv"], "self_attn.qkv_proj",
+                         self.args.hidden_size, self.args.fuse_qkv):
+                self.layers[i].self_attn.split_qkv()
             _fuse(weights, p, ["mlp.gate_proj", "mlp.up_proj"], "mlp.gate_up_proj", self.args.hidden_size)
             if f"{p}self_attn.q_proj.bias" in weights:
                 weights[f"{p}self_attn.qkv_bias"] = mx.concatenate(
@@ -217,21 +264,50 @@ class Model(nn.Module):
         return weights
 
 
-def _fuse(weights: dict, prefix: str, parts: list[str], fused: str, in_dims: int) -> None:
+def yarn_attention_factor(scaling: dict) -> float:
+    """YaRN's attention factor as transformers defines it (`_compute_yarn_parameters`): an explicit
+    `attention_factor`, else get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) when both
+    are given, else get_mscale(factor) = 0.1 ln(factor) + 1. mlx-lm's YarnRoPE agrees on the last
+    case (Qwen2.5's) but ignores `attention_factor` and uses its defaults (1, 0) for a missing
+    mscale / mscale_all_dim; its frequencies match transformers' with `truncate` (the default)."""
+    if scaling.get("truncate", True) is False:
+        raise ValueError(f"unsupported rope_scaling {scaling} (YaRN without truncation)")
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = scaling["factor"]
+
+    def get_mscale(m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return get_mscale(scaling["mscale"]) / get_mscale(scaling["mscale_all_dim"])
+    return get_mscale()
+
+
+def _fuse(weights: dict, prefix: str, parts: list[str], fused: str, in_dims: int, policy: str = "always") -> bool:
     """Concatenate the output rows of `parts` into `fused`. Quantized parts stored in different
     formats (e.g. q/k from Q5_0, v from Q8_0) are first re-expressed, exactly, in the most bits
-    and the smallest group among them."""
+    and the smallest group among them. With policy "same-format" such parts, and with "never" all
+    parts, are left as they are: returns False then (True when fused or nothing to fuse)."""
     if f"{prefix}{parts[0]}.weight" not in weights:
-        return
+        return True
+    if policy == "never":
+        return False
+    quantized = f"{prefix}{parts[0]}.scales" in weights
+    if quantized:
+        fmts = [(weights[f"{prefix}{n}.weight"].shape[-1] * 32 // in_dims,
+                 in_dims // weights[f"{prefix}{n}.scales"].shape[-1]) for n in parts]
+        if policy == "same-format" and len(set(fmts)) > 1:
+            return False
     ws = [weights.pop(f"{prefix}{n}.weight") for n in parts]
-    if f"{prefix}{parts[0]}.scales" not in weights:
+    if not quantized:
         weights[f"{prefix}{fused}.weight"] = mx.concatenate(ws, axis=0)
-        return
+        return True
     ss = [weights.pop(f"{prefix}{n}.scales") for n in parts]
     bs = [weights.pop(f"{prefix}{n}.biases") for n in parts]
-    fmts = [(w.shape[-1] * 32 // in_dims, in_dims // s.shape[-1]) for w, s in zip(ws, ss)]
     bits, group = max(f[0] for f in fmts), min(f[1] for f in fmts)
     if any(f != (bits, group) for f in fmts):
         ws, ss, bs = zip(*(promote(w, s, b, fb, fg, bits, group) for w, s, b, (fb, fg) in zip(ws, ss, bs, fmts)))
     for suffix, arrays in (("weight", ws), ("scales", ss), ("biases", bs)):
         weights[f"{prefix}{fused}.{suffix}"] = mx.concatenate(arrays, axis=0)
+    return True

@@ -6,7 +6,7 @@
 runs the prompt's tokens through two "runners" and prints, in forward order, the relative
 error ||a - b|| / ||b|| and the max abs error of every stage (the names of
 `qwen_mlx.research`), marking the FIRST stage whose relative error exceeds the tolerance;
-the exit code is 1 when one does. The runners:
+the exit code is 1 when one does (and for runtime errors), 2 for bad flags. The runners:
 - `mlx_runner(model)`: our model with the current `metal_kernels` backend (the kernels where
   they are used), against `mlx_runner(model, "reference")` (plain MLX for every op);
 - `transformers_runner(hf_model)`: Hugging Face's Qwen2 on the same GGUF (float32), stages
@@ -20,7 +20,6 @@ A runner is any callable tokens -> {stage name: numpy array}, so tests can plant
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import sys
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import _blas  # noqa: F401  (before mlx.core)
+from .cli import USAGE_ERROR, ArgumentParser, runtime_error
 import mlx.core as mx
 import numpy as np
 
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     from .generation import encode_prompt
     from .loader import load, resolve_dtype
 
-    ap = argparse.ArgumentParser(prog="python -m qwen_mlx.parity", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m qwen_mlx.parity", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a .gguf file or converted model directory (default: the default model)")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--against", choices=["reference", "transformers"], default="reference",
@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tolerance", type=float, help="max relative error per stage (default: by dtype)")
     ap.add_argument("--stages", default="*", help="only the stages matching this glob")
     args = ap.parse_args(argv)
+    if args.tolerance is not None and not args.tolerance > 0:
+        ap.error(f"--tolerance must be > 0, not {args.tolerance}")
     try:
         dtype = resolve_dtype(args.dtype)
         tol = args.tolerance if args.tolerance is not None else default_tolerance(dtype)
@@ -197,11 +199,11 @@ def main(argv=None) -> int:
         else:
             a, b = mlx_runner(model), transformers_runner(load_transformers(args.model or _default_path()))
         diffs = compare(a, b, tokens, tol, args.stages)
-        if not diffs:
-            raise ValueError(f"--stages {args.stages!r} matches no stage")
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return runtime_error(e)
+    if not diffs:  # a bad flag, found once the model's stages are known
+        print(f"{ap.prog}: error: --stages {args.stages!r} matches no stage (see --help)", file=sys.stderr)
+        return USAGE_ERROR
     print(f"{len(tokens)} tokens, {str(dtype).removeprefix('mlx.core.')}, against {args.against}")
     print(format_report(diffs, tol))
     return 1 if first_divergence(diffs) else 0

@@ -1,82 +1,111 @@
 """Side-by-side speed of qwen_mlx and mlx-lm: same weights, same machine, same run.
 
     python scripts/bench.py                       # CPU: the default model, float32 weights
-    python scripts/bench.py --random 0.5B,7B --quant bf16,4bit,8bit    # GPU: random weights
+    python scripts/bench.py --model M.gguf --cases chat:256,4000:16 --fuse-qkv always,same-format
+    python scripts/bench.py --random 1.5B,7B --quant q4km,bf16,4bit,8bit --cases 128:128
+    python scripts/bench.py --random 7B --quant bf16 --cases 128:128,4096:128 --bandwidth
 
-Each library runs its own `generate_step` (greedy) on the same prompt: prefill
-tok/s = prompt tokens / time to the first token; decode tok/s = further tokens /
-their time. The two alternate, each case runs once unmeasured, then `--repeats`
-times, and the best run is kept. The ratio column is qwen_mlx / mlx-lm.
+Models: `--model PATH` (or the default model) is loaded by `qwen_mlx.load` (quantized weights stay
+quantized on a GPU, `--quantized/--no-quantized` to choose) and, for mlx-lm, written by our
+converter (`qwen_mlx.convert`, same dtype; dequantized when ours is) and opened with
+`mlx_lm.load`: the same weights. `--random G --quant Q` builds mlx-lm's qwen2 with seeded random
+weights at geometry G in format Q (q4km: the formats a Q4_K_M GGUF gives each matrix, see
+benchlib.q4km_type) and loads the same arrays into qwen_mlx. `--fuse-qkv` adds one qwen_mlx
+model per policy (qwen_mlx.model.ModelArgs.fuse_qkv: fuse q/k/v promoting mixed formats, or not).
 
-On Linux, qwen_mlx loads OpenBLAS into the process, which then serves both
-libraries. `--mlx-lm-blas bundled` runs mlx-lm in a second process without it,
-as mlx-lm runs when installed on its own (the two then no longer alternate).
+Cases `P:N`: a prompt of P random tokens (or `chat`: a chat-templated request, with --model)
+then N greedy tokens, each library through its own `generate_step`. prefill tok/s = prompt
+tokens / time to the first token; decode tok/s = the further tokens / their time. Each case runs
+once unmeasured per system, then `--rounds` rounds, the systems alternating within a round. Per
+system: the median and the spread (min-max) over the rounds; the ratio is ours / mlx-lm of the
+medians, and it counts ("*") when the spreads do not overlap. `--json` keeps every round.
+
+`--bandwidth` measures the copy bandwidth of MLX (read + write) first and gives each decode as
+a fraction of it: (weights read per token + KV cache read at the mean context) x tok/s.
+
+On Linux, qwen_mlx loads OpenBLAS into the process, which then serves both libraries.
+`--mlx-lm-blas bundled` runs mlx-lm in a second process without it, as mlx-lm runs when installed
+on its own (the two then no longer alternate).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import qwen_mlx  # noqa: E402,F401  (loads the optimized BLAS before mlx.core)
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-from mlx_lm.generate import generate_step as mlx_lm_generate_step  # noqa: E402
-from mlx_lm.models import qwen2 as mlx_lm_qwen2  # noqa: E402
+import benchlib as B  # scripts/benchlib.py (this script's directory is first on sys.path)
+import qwen_mlx
+import mlx.core as mx
+from mlx_lm.generate import generate_step as mlx_lm_generate_step
 
-from qwen_mlx.generation import generate_step  # noqa: E402
-from qwen_mlx.loader import build_model  # noqa: E402
+from qwen_mlx.generation import generate_step
 
-GEOMETRIES = {  # Qwen2.5 sizes, and a tiny one to check the script itself
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=True),
-    "0.5B": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
-                 num_key_value_heads=2, tie_word_embeddings=True),
-    "1.5B": dict(hidden_size=1536, num_hidden_layers=28, intermediate_size=8960, num_attention_heads=12,
-                 num_key_value_heads=2, tie_word_embeddings=True),
-    "7B": dict(hidden_size=3584, num_hidden_layers=28, intermediate_size=18944, num_attention_heads=28,
-               num_key_value_heads=4, tie_word_embeddings=False),
-}
-QUANT = {"bf16": None, "4bit": (4, 64), "8bit": (8, 64), "f32": None}
+CHAT = "Write a Python function that checks whether a number is prime, with a docstring and three tests."
 
 
-def pair_from_random(geometry: str, quant: str):
-    cfg = dict(GEOMETRIES[geometry], model_type="qwen2", vocab_size=151936, rms_norm_eps=1e-6,
-               rope_theta=1e6, max_position_embeddings=32768)
-    dtype = mx.float32 if quant == "f32" else mx.bfloat16
-    ref = mlx_lm_qwen2.Model(mlx_lm_qwen2.ModelArgs.from_dict(cfg))
-    ref.set_dtype(dtype)
-    if QUANT[quant]:
-        bits, group = QUANT[quant]
-        nn.quantize(ref, group_size=group, bits=bits)
-        cfg["quantization"] = {"group_size": group, "bits": bits}
-    mx.eval(ref.parameters())
-    ours = build_model(cfg, dict(tree_flatten(ref.parameters())), dtype)
-    return ours, ref
+def load_ours(path, dtype, quantized, fuse_qkv=None):
+    old = os.environ.get("QWEN_MLX_FUSE_QKV")
+    if fuse_qkv:
+        os.environ["QWEN_MLX_FUSE_QKV"] = fuse_qkv
+    try:
+        return qwen_mlx.load(path, dtype=dtype, quantized=quantized)
+    finally:
+        if fuse_qkv:
+            os.environ.pop("QWEN_MLX_FUSE_QKV") if old is None else os.environ.update(QWEN_MLX_FUSE_QKV=old)
 
 
-def pair_from_model(path: str | None, dtype: str):
-    ours, _ = qwen_mlx.load(path, dtype=dtype)
-    from qwen_mlx.gguf import gguf_config, gguf_weights, open_gguf
+def models_from_file(path, dtype, quantized, policies, tmp):
+    """{system: model} for a GGUF/model path, the mlx-lm one from our converter's directory; tokenizer."""
+    import mlx_lm
+
+    from qwen_mlx.convert import convert
+    from qwen_mlx.loader import is_quantized
+
+    path = path or _default_path()
+    models = {}
+    for pol in policies:
+        models[_name(pol)], tok = load_ours(path, dtype, quantized, pol)
+    ours = models[_name(policies[0])]
+    dt = str(ours.model.norm.weight.dtype).split(".")[-1]
+    if Path(path).is_dir() and is_quantized(ours):
+        ref_dir = path
+    else:
+        ref_dir = convert(path, Path(tmp) / "mlx", dtype=dt, dequantize=not is_quantized(ours), progress=False)
+    models["mlx_lm"] = mlx_lm.load(str(ref_dir))[0]
+    return models, tok
+
+
+def models_from_random(geometry, quant, policies):
+    ours, ref = B.random_pair(geometry, quant, seed=0, fuse_qkv=policies[0])
+    models = {_name(policies[0]): ours}
+    for pol in policies[1:]:
+        models[_name(pol)] = B.ours_from(ref, pol)
+    models["mlx_lm"] = ref
+    return models, None
+
+
+def _name(policy):
+    return "qwen_mlx" if policy is None else f"qwen_mlx fuse_qkv={policy}"
+
+
+def _default_path():
     from qwen_mlx.fetch import default_model_path
 
-    reader = open_gguf(path or default_model_path())
-    cfg = gguf_config(reader)
-    ref = mlx_lm_qwen2.Model(mlx_lm_qwen2.ModelArgs.from_dict(cfg))
-    ref.load_weights(list(ref.sanitize(gguf_weights(reader, getattr(mx, dtype))).items()))
-    mx.eval(ref.parameters())
-    return ours, ref
+    return default_model_path()
 
 
-def run_once(step_fn, model, prompt: mx.array, n_gen: int) -> tuple[float, float]:
+def run_once(system: str, model, prompt: mx.array, n_gen: int) -> tuple[float, float]:
+    fn = generate_step if system.startswith("qwen_mlx") else (
+        lambda p, m, **k: (t for t, _ in mlx_lm_generate_step(p, m, **k)))
     mx.synchronize()
     tic = time.perf_counter()
-    gen = step_fn(prompt, model, max_tokens=n_gen + 1)
+    gen = fn(prompt, model, max_tokens=n_gen + 1)
     next(gen)
     t_first = time.perf_counter() - tic
     tic = time.perf_counter()
@@ -85,45 +114,78 @@ def run_once(step_fn, model, prompt: mx.array, n_gen: int) -> tuple[float, float
     return prompt.size / t_first, n / t_rest
 
 
-def bench_pair(ours, ref, prompt_len: int, n_gen: int, repeats: int) -> dict:
-    prompt = mx.random.randint(0, 151000, (prompt_len,)).astype(mx.uint32)
-    res = {}
-    fns = {"qwen_mlx": (lambda p, m, **k: generate_step(p, m, **k), ours),
-           "mlx_lm": (lambda p, m, **k: (t for t, _ in mlx_lm_generate_step(p, m, **k)), ref)}
-    fns = {k: v for k, v in fns.items() if v[1] is not None}
-    for name, (fn, model) in fns.items():  # warm-up at the same shapes (kernel compilation, allocator)
-        run_once(fn, model, prompt, n_gen)
-    for _ in range(repeats):
-        for name, (fn, model) in fns.items():
+def bench_case(models: dict, prompt: mx.array, n_gen: int, rounds: int) -> dict:
+    """{system: {"prefill": spread, "decode": spread, "peak_gb": max}} over alternating rounds."""
+    for system, model in models.items():  # warm-up at the same shapes (kernel compilation, allocator)
+        run_once(system, model, prompt, n_gen)
+    raw = {s: {"prefill": [], "decode": [], "peak_gb": 0.0} for s in models}
+    for r in range(rounds):
+        order = list(models) if r % 2 == 0 else list(models)[::-1]  # alternate who goes first
+        for system in order:
             mx.clear_cache()
             mx.reset_peak_memory()
-            pre, dec = run_once(fn, model, prompt, n_gen)
-            best = res.setdefault(name, {"prefill_tps": 0.0, "decode_tps": 0.0, "peak_gb": 0.0})
-            best["prefill_tps"] = max(best["prefill_tps"], pre)
-            best["decode_tps"] = max(best["decode_tps"], dec)
-            best["peak_gb"] = max(best["peak_gb"], mx.get_peak_memory() / 1e9)
-    return res
+            pre, dec = run_once(system, models[system], prompt, n_gen)
+            raw[system]["prefill"].append(pre)
+            raw[system]["decode"].append(dec)
+            raw[system]["peak_gb"] = max(raw[system]["peak_gb"], mx.get_peak_memory() / 1e9)
+    return {s: {"prefill": B.spread(v["prefill"]), "decode": B.spread(v["decode"]), "peak_gb": v["peak_gb"]}
+            for s, v in raw.items()}
+
+
+def make_prompt(spec: str, tokenizer, vocab: int) -> mx.array:
+    if spec == "chat":
+        if tokenizer is None:
+            raise SystemExit("bench.py: a 'chat' case needs a model with a tokenizer (--model)")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": CHAT}], add_generation_prompt=True)
+        return mx.array(ids, dtype=mx.uint32)
+    mx.random.seed(int(spec))
+    return mx.random.randint(0, min(vocab, 151000), (int(spec),)).astype(mx.uint32)
+
+
+def fmt(s: dict) -> str:
+    return f"{s['median']:8.1f} [{s['min']:.0f}-{s['max']:.0f}]"
+
+
+def describe(row: dict, bandwidth: float | None) -> list[str]:
+    lines = []
+    for system, r in row["results"].items():
+        if system == "mlx_lm":
+            continue
+        parts = [f"{row['model']:26} {row['case']:>9} {system:28}"]
+        for k in ("prefill", "decode"):
+            ratio = row["ratios"][system][k]
+            parts.append(f"{k} {fmt(r[k])} / {fmt(row['results']['mlx_lm'][k])} = {ratio['ratio']:5.2f}x"
+                         f"{'*' if ratio['counts'] else ' '}")
+        if bandwidth and "bytes_per_token" in row:
+            parts.append(f"decode at {row['bandwidth_fraction'][system]:.0%} of copy bw")
+        lines.append(" | ".join(parts))
+    return lines
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="GGUF or model dir (default: the default model)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--random", default=None, help="comma list of geometries with random weights: 0.5B,1.5B,7B")
-    p.add_argument("--quant", default="bf16", help="with --random: comma list of bf16,4bit,8bit,f32")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the device's)")
+    p.add_argument("--quantized", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --model: keep quantized weights quantized (default: on a GPU)")
+    p.add_argument("--random", default=None, help="comma list of geometries with random weights: tiny,0.5B,1.5B,7B")
+    p.add_argument("--quant", default="bf16", help="with --random: comma list of bf16,f32,4bit,8bit,q4km")
     p.add_argument("--cases", default="128:128,2048:16,4096:128",
-                   help="comma list of prompt_len:new_tokens")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--json", default=None, help="write the results here")
+                   help="comma list of prompt:new_tokens; prompt is a length or 'chat'")
+    p.add_argument("--fuse-qkv", default=None,
+                   help="comma list of qwen_mlx q/k/v fusion policies to compare: always,same-format,never")
+    p.add_argument("--rounds", "--repeats", type=int, default=5, help="measured rounds (default 5)")
+    p.add_argument("--bandwidth", action="store_true", help="measure MLX's copy bandwidth; decode as a fraction")
+    p.add_argument("--json", default=None, help="write the results (with every round) here")
     p.add_argument("--mlx-lm-blas", choices=["same", "bundled"], default="same",
                    help="bundled: run mlx-lm in a separate process with MLX's own BLAS")
     p.add_argument("--only", choices=["qwen_mlx", "mlx_lm"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
+    policies = a.fuse_qkv.split(",") if a.fuse_qkv else [None]
+    theirs = None
     if a.mlx_lm_blas == "bundled" and a.only is None:
-        import os
-        import subprocess
-        import tempfile
-
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             argv = [x for x in sys.argv[1:] if x not in ("--mlx-lm-blas", "bundled")]
             if "--json" in argv:
@@ -134,45 +196,68 @@ def main():
             theirs = json.loads(Path(f.name).read_text())
         print(f"mlx-lm ran in its own process, BLAS: {theirs['blas']}")
 
-    pairs = []
+    info = dict(device=str(mx.default_device()), mlx=mx.__version__, blas=qwen_mlx._blas.blas_name(),
+                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), argv=sys.argv[1:])
+    try:
+        info["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))}
+    except Exception:  # noqa: BLE001  (older MLX, or no GPU)
+        pass
+    if not a.only:
+        print(f"device: {info['device']}, mlx {info['mlx']}, BLAS: {info['blas']}, {info['date']}", flush=True)
+    bandwidth = B.copy_bandwidth() if a.bandwidth and not a.only else None
+    if bandwidth:
+        print(f"MLX copy bandwidth (read + write): {bandwidth / 1e9:.0f} GB/s", flush=True)
+    info["copy_bandwidth_Bps"] = bandwidth
+
+    tmp = tempfile.TemporaryDirectory()
+    suites = []
     if a.random:
         for g in a.random.split(","):
             for q in a.quant.split(","):
-                pairs.append((f"{g} {q} (random)", lambda g=g, q=q: pair_from_random(g, q)))
+                suites.append((f"{g} {q} (random)", B.config(g),
+                               lambda g=g, q=q: models_from_random(g, q, policies)))
     else:
-        pairs.append((f"{a.model or 'default model'} {a.dtype}", lambda: pair_from_model(a.model, a.dtype)))
+        suites.append((f"{Path(a.model).name if a.model else 'default model'}", None,
+                       lambda: models_from_file(a.model, a.dtype, a.quantized, policies, tmp.name)))
     rows = []
-    if not a.only:
-        print(f"device: {mx.default_device()}, mlx {mx.__version__}, BLAS: {qwen_mlx._blas.blas_name()}")
-    hdr = f"{'model':28} {'prompt':>6} {'gen':>4} | {'prefill tok/s ours / mlx-lm (x)':>34} | {'decode tok/s ours / mlx-lm (x)':>32} | peak GB"
-    if not a.only:
-        print(hdr)
-    for label, make in pairs:
-        ours, ref = make()
-        ours, ref = (None if a.only == "mlx_lm" else ours), (None if a.only == "qwen_mlx" else ref)
-        if a.mlx_lm_blas == "bundled" and a.only is None:
-            ref = None
-        for case in a.cases.split(","):
-            plen, ngen = map(int, case.split(":"))
-            r = bench_pair(ours, ref, plen, ngen, a.repeats)
+    try:
+        for label, cfg, make in suites:
+            models, tokenizer = make()
             if a.only:
-                rows.append(dict(model=label, prompt=plen, gen=ngen, **r))
-                continue
-            if "mlx_lm" not in r:  # measured in the other process
-                r["mlx_lm"] = next(x["mlx_lm"] for x in theirs["rows"]
-                                   if x["model"] == label and x["prompt"] == plen and x["gen"] == ngen)
-            o, m = r["qwen_mlx"], r["mlx_lm"]
-            row = dict(model=label, prompt=plen, gen=ngen, ours=o, mlx_lm=m,
-                       prefill_ratio=o["prefill_tps"] / m["prefill_tps"], decode_ratio=o["decode_tps"] / m["decode_tps"])
-            rows.append(row)
-            print(f"{label:28} {plen:6d} {ngen:4d} | {o['prefill_tps']:9.1f} / {m['prefill_tps']:9.1f} ({row['prefill_ratio']:5.2f}x)"
-                  f"     | {o['decode_tps']:8.1f} / {m['decode_tps']:8.1f} ({row['decode_ratio']:5.2f}x)    "
-                  f"| {o['peak_gb']:.2f} / {m['peak_gb']:.2f}", flush=True)
-        del ours, ref
-        mx.clear_cache()
+                models = {s: m for s, m in models.items() if s.startswith(a.only)}
+            elif a.mlx_lm_blas == "bundled":
+                models.pop("mlx_lm")
+            cfg = cfg or models[next(iter(models))].args.__dict__
+            some = next(iter(models.values()))
+            itemsize = (mx.float32 if some.model.norm.weight.dtype == mx.float32 else mx.bfloat16).size
+            for case in a.cases.split(","):
+                spec, ngen = case.split(":")
+                prompt = make_prompt(spec, tokenizer, cfg["vocab_size"])
+                res = bench_case(models, prompt, int(ngen), a.rounds)
+                row = dict(model=label, case=case, prompt_tokens=int(prompt.size), gen=int(ngen), results=res)
+                if theirs is not None:
+                    res["mlx_lm"] = next(x["results"]["mlx_lm"] for x in theirs["rows"]
+                                         if x["model"] == label and x["case"] == case)
+                if not a.only:
+                    row["ratios"] = {s: {k: {"ratio": r[k]["median"] / res["mlx_lm"][k]["median"],
+                                             "counts": B.counts(r[k], res["mlx_lm"][k])}
+                                         for k in ("prefill", "decode")}
+                                     for s, r in res.items() if s != "mlx_lm"}
+                    row["bytes_per_token"] = {
+                        s: B.weight_bytes(m) + B.kv_bytes_per_position(cfg, itemsize) * (prompt.size + int(ngen) / 2)
+                        for s, m in models.items()}
+                    if bandwidth:
+                        row["bandwidth_fraction"] = {s: row["bytes_per_token"][s] * res[s]["decode"]["median"]
+                                                     / bandwidth for s in res if s in models}
+                    for line in describe(row, bandwidth):
+                        print(line, flush=True)
+                rows.append(row)
+            del models
+            mx.clear_cache()
+    finally:
+        tmp.cleanup()
     if a.json:
-        Path(a.json).write_text(json.dumps(dict(device=str(mx.default_device()), mlx=mx.__version__,
-                                                blas=qwen_mlx._blas.blas_name(), rows=rows), indent=1))
+        Path(a.json).write_text(json.dumps(dict(info, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import qwen_mlx  # noqa: E402,F401  (loads the optimized BLAS before mlx.core)
-import mlx.core as mx  # noqa: E402
+import benchlib as B  # scripts/benchlib.py (this script's directory is first on sys.path)
+import qwen_mlx  # noqa: F401  (loads the optimized BLAS before mlx.core)
+import mlx.core as mx
 
-import metal_kernels as K  # noqa: E402
-from metal_kernels import kernels as KK, reference as R  # noqa: E402
+import metal_kernels as K
+from metal_kernels import kernels as KK, reference as R
 
 HIDDEN, FFN, HQ, HKV, HD, EPS, BASE = 896, 4864, 14, 2, 64, 1e-6, 1e6
 VIEWS = {"Reshape", "Transpose", "Slice", "Split", "Broadcast", "ExpandDims", "Squeeze", "Flatten", "Unflatten",
@@ -136,40 +136,19 @@ def bench_ops(calls, repeats):
 
 def model_bench(tokens: int, repeats: int, prompt: int = 512):
     """Random-weight 0.5B qwen_mlx model: greedy decode tok/s and prefill time per backend setting."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import qwen2
-
-    from qwen_mlx.loader import build_model
-
-    cfg = dict(model_type="qwen2", hidden_size=HIDDEN, num_hidden_layers=24, intermediate_size=FFN,
-               num_attention_heads=HQ, num_key_value_heads=HKV, vocab_size=151936, rms_norm_eps=EPS,
-               rope_theta=BASE, max_position_embeddings=32768, tie_word_embeddings=True)
-    ref = qwen2.Model(qwen2.ModelArgs.from_dict(cfg))
-    ref.set_dtype(mx.bfloat16)
-    mx.eval(ref.parameters())
-    model = build_model(cfg, dict(tree_flatten(ref.parameters())), mx.bfloat16)
-    del ref
-
-    def step(tok, cache):
-        return mx.argmax(model(tok, cache=cache)[:, -1, :], axis=-1)[:, None]
+    model = B.random_pair("0.5B", "bf16")[0]
+    step = B.greedy_step(model, ours=True)
 
     def decode_tps():
         cache = model.make_cache()
-        y = step(mx.array([list(range(1, 33))]), cache)
+        y = step(mx.arange(1, 33), cache)
         mx.eval(y)
-        nxt = step(y, cache)
-        mx.async_eval(nxt)
-        t = time.perf_counter()
-        for _ in range(tokens):
-            cur, nxt = nxt, step(nxt, cache)
-            mx.async_eval(nxt)
-            cur.item()
-        return tokens / (time.perf_counter() - t)
+        return B.decode_loop(step, cache, step(y, cache), tokens)
 
     def prefill_ms():
         cache = model.make_cache()
         t = time.perf_counter()
-        mx.eval(step(mx.array([list(range(1, prompt + 1))]), cache))
+        mx.eval(step(mx.arange(1, prompt + 1), cache))
         return (time.perf_counter() - t) * 1e3
 
     settings = {"reference": set(), "kernels (all)": None}

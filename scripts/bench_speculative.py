@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qwen_mlx  # noqa: E402  (loads the optimized BLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 from qwen_mlx.speculative import load_draft  # noqa: E402

@@ -13,34 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import qwen_mlx  # noqa: E402,F401
-import mlx.core as mx  # noqa: E402
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
-
-import bench  # noqa: E402  (scripts/bench.py: random model pairs)
+import benchlib as B  # scripts/benchlib.py (this script's directory is first on sys.path)
+import qwen_mlx  # noqa: F401
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
 
 
 def mlx_lm_step(model):
-    def step(y, cache):
-        return mx.argmax(model(y[None], cache=cache)[:, -1, :], axis=-1)
-    return step, lambda: make_prompt_cache(model)
+    return B.greedy_step(model, ours=False), lambda: make_prompt_cache(model)
 
 
 def ours_step(model, kernels: str = "auto"):
     import metal_kernels as K
-    from qwen_mlx.generation import log_softmax
 
     K.set_backend(kernels)  # for the run that follows (variants alternate)
-
-    def step(y, cache):  # generate_step's step, greedy
-        logits = model(y[None], cache=cache, last_only=True)[:, -1, :]
-        return mx.argmax(log_softmax(logits), axis=-1)
-    return step, model.make_cache
+    return B.greedy_step(model, ours=True), model.make_cache
 
 
 def run(step, make_cache, n_prompt: int, n_gen: int) -> dict:
@@ -62,18 +51,8 @@ def run(step, make_cache, n_prompt: int, n_gen: int) -> dict:
         mx.synchronize()
         t3 = time.perf_counter()
         tb, te, tw = tb + t1 - t0, te + t2 - t1, tw + t3 - t2
-    # pipelined loop
-    mx.synchronize()
-    tic = time.perf_counter()
-    mx.async_eval(y)
-    for _ in range(n_gen):
-        nxt = step(y, cache)
-        mx.async_eval(nxt)
-        y.item()
-        y = nxt
-    y.item()
-    dt = time.perf_counter() - tic
-    return dict(build_us=tb / n * 1e6, encode_us=te / n * 1e6, wait_us=tw / n * 1e6, tps=n_gen / dt)
+    tps = B.decode_loop(step, cache, y, n_gen)  # pipelined loop
+    return dict(build_us=tb / n * 1e6, encode_us=te / n * 1e6, wait_us=tw / n * 1e6, tps=tps)
 
 
 def main():
@@ -85,7 +64,7 @@ def main():
     p.add_argument("--variants", default="mlx_lm,ours")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
-    ours, ref = bench.pair_from_random(a.geometry, a.quant)
+    ours, ref = B.random_pair(a.geometry, a.quant)
     makers = {"mlx_lm": lambda: mlx_lm_step(ref), "ours": lambda: ours_step(ours),
               "ours_kernels": lambda: ours_step(ours, "kernels")}
     res = {}

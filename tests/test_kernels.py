@@ -258,6 +258,43 @@ def test_metal_source(name, dtype, capfd, tmp_path):
                      rf"decltype\(.*<{t}, {re.escape(inst)}>\)", src)
     header, body = _core.load_source(name)
     assert body.strip() in src and header.strip() in src
+    assert _core.common_header().strip() in src, "common.h must be in every kernel's source"
+    assert src.index("METAL_FUNC RotatedPair rope_pair") < src.index("[[kernel]]")
+
+
+# What common.h owns is written there only: a body that re-implements it fails here.
+SHARED_CODE = {"simd_sum(": "threadgroup_sum", "threadgroup_barrier(": "threadgroup_sum",
+               "metal::precise::cos(": "rope_pair", "metal::precise::sin(": "rope_pair"}
+
+
+@pytest.mark.parametrize("name", _core.KERNEL_NAMES)
+def test_shared_device_code_in_one_place(name):
+    header, body = _core.load_source(name)
+    for code, helper in SHARED_CODE.items():
+        assert code not in body, f"{name}.metal writes {code}...: call common.h's {helper} instead"
+        assert code in _core.common_header()
+    if name in ("rms_norm", "add_rms_norm"):
+        assert "threadgroup_sum<TG>(" in body
+    if name in ("rope", "qkv_post"):
+        assert "rope_pair(" in body
+
+
+def test_common_header_on_every_back_end():
+    common = _core.common_header()
+    found = sorted(set(m.group(0) for m in CUDA_NAMES.finditer(common)))
+    assert not found, f"common.h uses CUDA names {found}: it must stay Metal (msl_compat.h maps them)"
+    for name in _core.KERNEL_NAMES:
+        header = _core.load_source(name)[0]
+        metal = _core.full_header(name, "metal")
+        assert metal.index(common) < metal.index(header)
+        cuda = _core.full_header(name, "cuda")
+        # on CUDA the helpers must come after msl_compat.h's METAL_FUNC and before its `#define device`
+        # (which would turn __device__ into an empty attribute)
+        assert cuda.index("#define METAL_FUNC __device__") < cuda.index(common) < cuda.index("#define device\n")
+        assert cuda.index("#define device\n") < cuda.index(header)
+    # the header travels with the package (pyproject's package-data)
+    pyproject = (Path(_core.DIR).parent / "pyproject.toml").read_text()
+    assert re.search(r'^metal_kernels = \[.*"\*\.h".*\]', pyproject, re.M)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

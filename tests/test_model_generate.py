@@ -230,47 +230,71 @@ def test_cli_prompt_over_context(tiny):
     assert r.returncode != 0 and "context" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+GEOMETRY_05B = dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14,
+                   num_key_value_heads=2, vocab_size=151936)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_model_with_kernels_matches_reference_path(dtype):
+def test_model_with_kernels_matches_reference_path(dtype, geometry=GEOMETRY_05B, seed=20261201):
     """On a GPU: the whole model with every kernel forced on against the reference path, random
-    weights at the 0.5B geometry. Where the reference's top-2 logit gap exceeds twice the largest
-    logit difference between the paths, the argmax must agree; logits agree to the dtype's
-    rounding (float32: 1e-6 relative per op, so 1e-3 of the logit scale after 24 layers is loose;
-    bfloat16: 2^-9 per op, compounded through 24 layers: 5% of the logit scale)."""
+    weights at the 0.5B geometry (seeded: the same weights and tokens every run), uncached and
+    through the KV cache.
+
+    The kernels compute in float32 and round to the activation dtype exactly where the reference
+    ops round (docs/kernels.md), so the kernel path is another evaluation of the same graph with
+    the same rounding points: it must be as close to the exact result as the reference path is.
+    - float32: the paths differ by float32 rounding only (~6e-8 relative per op; even amplified
+      a hundredfold through 24 layers that is ~1e-5 of the logit scale): 1e-3 of the scale is a
+      wide bound, and a real bug (a wrong rotation, a missing bias, a stale position) moves logits
+      by O(scale).
+    - bfloat16: the exact result is the same model in float32, on the same bf16-rounded weights.
+      Each bf16 path's logits are off from it by the compounded bf16 rounding (2^-9 per op; a few
+      percent relative RMS after 24 layers). The kernel path's relative RMS error must be at most
+      1.25x the reference path's: two evaluations with the same rounding points err by the same
+      amount up to which intermediates land on the other side of a rounding boundary, and an RMS
+      over 2 x 77 x 151936 logits is an average of 2.3e7 terms, stable to far below 25%; a real bug
+      gives an error of order 1 instead. (This replaces a threshold on the fraction of positions
+      with a clear top-2 gap, which depended on the random draw and failed at 0.42 on an H200.)
+    (The keyword arguments let the test be dry-run on a CPU at a small geometry.)"""
     import metal_kernels as K
     from mlx.utils import tree_flatten
     from mlx_lm.models import qwen2
     from qwen_mlx.loader import build_model
 
-    cfg = dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
-               num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6,
-               rope_theta=1e6, tie_word_embeddings=True)
+    cfg = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, **geometry)
+    mx.random.seed(seed)
     ref = qwen2.Model(qwen2.ModelArgs.from_dict(cfg))
     w = {k: (mx.random.normal(v.shape) * 0.5 if k.endswith("bias") else v)
          for k, v in tree_flatten(ref.parameters())}
+    w = {k: v.astype(getattr(mx, dtype)).astype(mx.float32) for k, v in w.items()}  # weights exact in dtype
+    toks = mx.random.randint(0, cfg["vocab_size"], (2, 77))
+
+    def run(model, mode):
+        K.set_backend(mode)
+        logits = model(toks).astype(mx.float32)
+        cache = model.make_cache()
+        steps = [model(toks[:, :70], cache=cache)] + [model(toks[:, i:i + 1], cache=cache) for i in range(70, 77)]
+        return np.array(logits), np.array(mx.concatenate(steps, 1).astype(mx.float32))
+
     model = build_model(cfg, w, getattr(mx, dtype))
-    toks = mx.random.randint(0, 151936, (2, 77))
-    out = {}
     try:
-        for mode in ("reference", "kernels"):
-            K.set_backend(mode)
-            logits = model(toks).astype(mx.float32)
-            cache = model.make_cache()
-            steps = [model(toks[:, :70], cache=cache)] + [model(toks[:, i:i + 1], cache=cache) for i in range(70, 77)]
-            out[mode] = (np.array(logits), np.array(mx.concatenate(steps, 1).astype(mx.float32)))
+        out = {mode: run(model, mode) for mode in ("reference", "kernels")}
+        exact = run(build_model(cfg, w, mx.float32), "reference") if dtype == "bfloat16" else None
     finally:
         K.set_backend("auto")
     scale = np.abs(out["reference"][0]).max()
-    tol = (1e-3 if dtype == "float32" else 5e-2) * scale
     for i in range(2):  # uncached, cached
         a, b = out["kernels"][i], out["reference"][i]
-        diff = np.abs(a - b).max()
-        assert diff < tol, f"logits differ by {diff} (tolerance {tol})"
-        top2 = np.sort(b, -1)[..., -2:]
-        clear = (top2[..., 1] - top2[..., 0]) > 2 * diff
-        assert clear.mean() > 0.5
-        assert (a.argmax(-1) == b.argmax(-1))[clear].all()
+        if dtype == "float32":
+            diff = np.abs(a - b).max()
+            assert diff < 1e-3 * scale, f"logits differ by {diff} (scale {scale})"
+        else:
+            rel = lambda x: np.sqrt(((x - exact[i]) ** 2).mean() / (exact[i] ** 2).mean())  # noqa: E731
+            e_kern, e_ref = rel(a), rel(b)
+            print(f"{'cached' if i else 'uncached'}: relative RMS error vs float32, kernels {e_kern:.3e}, "
+                  f"reference {e_ref:.3e}")
+            assert e_kern <= 1.25 * e_ref, f"kernel path error {e_kern:.3e} vs the reference path's {e_ref:.3e}"
 
 
 def test_native_quantized_mixed_formats_match_dequantized(tiny_gguf):

@@ -139,7 +139,7 @@ def test_stops_max_tokens_and_eos_cut_exactly_as_plain(pair, kw):
         tok.eos_token_ids = eos
 
 
-def test_bad_arguments_and_foreign_vocabulary(pair, tiny_gguf, tmp_path):
+def test_bad_arguments_and_foreign_vocabulary(pair, tiny_gguf, tmp_path, capsys):
     target, tok, draft = pair
     with pytest.raises(ValueError, match="num_draft_tokens must be >= 1"):
         list(stream_generate(target, tok, "hi", draft_model=draft, num_draft_tokens=0))
@@ -155,7 +155,8 @@ def test_bad_arguments_and_foreign_vocabulary(pair, tiny_gguf, tmp_path):
     check_draft(target, tok, draft)  # same vocabulary: fine
     with pytest.raises(SystemExit) as e:
         cli(["--model", str(tiny_gguf(seed=0)), "--prompt", "hi", "--draft-model", str(other), "--max-tokens", "3"])
-    assert e.value.code.startswith("error: ") and "vocabulary differs" in e.value.code and "\n" not in e.value.code
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and "vocabulary differs" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -104,6 +104,7 @@ def write_tiny_gguf(
     rope_base: float = 1_000_000.0,
     eps: float = 1e-6,
     yarn_factor: float | None = None,
+    yarn_betas: tuple[float, float] | None = None,
     arch: str = "qwen2",
     qtypes: dict[str, Q | str] | None = None,
     merges: list[str] | None = None,
@@ -132,6 +133,9 @@ def write_tiny_gguf(
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(yarn_factor)
         w.add_rope_scaling_orig_ctx_len(context // int(yarn_factor))
+        if yarn_betas:
+            w.add_rope_scaling_yarn_beta_fast(yarn_betas[0])
+            w.add_rope_scaling_yarn_beta_slow(yarn_betas[1])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)

@@ -1,0 +1,84 @@
+"""The benchmark scripts: their Q4_K_M-like layout is the real file's, and bench.py runs end to end.
+
+(Speed itself lives in the scripts, never in tests: this only checks that they measure the
+right thing and run.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def benchlib():
+    sys.path.insert(0, str(SCRIPTS))  # scripts import benchlib from their own directory
+    try:
+        import benchlib
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return benchlib
+
+
+@pytest.mark.real_model
+def test_q4km_layout_is_the_default_models(benchlib, default_model):
+    """q4km_type predicts the GGUF type of every matrix of the real Q4_K_M file (metadata only)."""
+    import gguf
+
+    kinds = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate",
+             "ffn_up": "up", "ffn_down": "down"}
+    reader = gguf.GGUFReader(default_model)
+    n_layers, hidden, ffn = 24, 896, 4864
+    got = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk" and parts[2] in kinds and parts[3] == "weight":
+            kind = kinds[parts[2]]
+            got[t.name] = (t.tensor_type.name,
+                           benchlib.q4km_type(kind, int(parts[1]), n_layers, ffn if kind == "down" else hidden))
+    assert len(got) == 7 * n_layers
+    wrong = {k: v for k, v in got.items() if v[0] != v[1]}
+    assert not wrong, wrong
+    out = next(t for t in reader.tensors if t.name == "output.weight")
+    assert out.tensor_type.name == benchlib.q4km_type("output", 0, n_layers, hidden)
+
+
+def test_q4km_formats_mix(benchlib):
+    """At 7B (K-quant blocks fit): q/k/o/gate/up 4-bit group 32, v and down 8-bit group 64 in the
+    Q6_K layers (14 of 28: 3 first, 4 last, every third between) and 4-bit group 32 elsewhere, output 8-bit group 64."""
+    f = benchlib.q4km_formats(benchlib.config("7B"))
+    more = benchlib.more_bits_layers(28)
+    assert len(more) == 14
+    for i in range(28):
+        p = f"model.layers.{i}."
+        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"):
+            assert f[p + n] == (4, 32)
+        for n in ("self_attn.v_proj", "mlp.down_proj"):
+            assert f[p + n] == ((8, 64) if i in more else (4, 32))
+    assert f["lm_head"] == (8, 64)
+
+
+def test_bench_runs_on_a_tiny_gguf(tiny_gguf, tmp_path):
+    """bench.py --model on a tiny mixed-format GGUF: our load against mlx-lm on our converter's
+    directory, both fusion policies, every round kept in the JSON."""
+    path = tiny_gguf(qtype="Q5_0", qtypes={"attn_v": "Q8_0", "ffn_down": "Q4_K"}, seed=3)
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--model", str(path), "--quantized",
+                        "--dtype", "float32", "--cases", "chat:4,16:2", "--rounds", "2",
+                        "--fuse-qkv", "always,same-format", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["case"] for row in rows] == ["chat:4", "16:2"]
+    for row in rows:
+        assert set(row["results"]) == {"qwen_mlx fuse_qkv=always", "qwen_mlx fuse_qkv=same-format", "mlx_lm"}
+        for res in row["results"].values():
+            assert len(res["decode"]["rounds"]) == 2
+            assert res["decode"]["min"] <= res["decode"]["median"] <= res["decode"]["max"]
+        assert set(row["ratios"]) == {"qwen_mlx fuse_qkv=always", "qwen_mlx fuse_qkv=same-format"}
