@@ -10,11 +10,14 @@
 
 Each op is a Metal kernel body (metal_kernels/<op>.metal) run by `mx.fast.metal_kernel` on
 Apple GPUs and, through msl_compat.h, by `mx.fast.cuda_kernel` on NVIDIA GPUs; elsewhere
-(and whenever the kernel is not faster, see USE) the plain-MLX reference runs.
+(and wherever the kernel is not faster: `USE`, per op and per number of rows) the plain-MLX
+reference runs.
 
 Switches: `QWEN_MLX_KERNELS=reference` in the environment or `set_backend("reference")` force the
 references; `set_backend("kernels")` (or `QWEN_MLX_KERNELS=kernels`) forces every kernel, ignoring
-USE; `set_backend("auto")` is the default. `backend()` says what runs: "metal", "cuda" or
+USE; `set_backend("auto")` is the default: `USE` decides, per op and per call's number of token rows
+(decode vs prefill); `set_table` replaces it (`qwen_mlx.tune` writes a table per machine, `load()`
+applies it), `describe()` says what runs and why. `backend()` says what runs: "metal", "cuda" or
 "reference". Both paths stay callable explicitly: `metal_kernels.reference.<op>`,
 `metal_kernels.kernels.<op>`.
 """
@@ -29,22 +32,72 @@ from . import kernels, reference
 from ._core import gpu_backend
 
 __all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "set_backend", "mode", "backend", "USE",
-           "kernels", "reference"]
+           "SHIPPED", "set_table", "reset_table", "describe", "kernels", "reference"]
 
-# Per-op opt-in: an op runs its kernel only where the kernel beat the ops it replaces, in the place
-# the model calls it. Measured with scripts/bench_kernels.py on an H100 (MLX 0.32.4 CUDA, bf16,
-# Qwen2.5-0.5B geometry; docs/kernels.md has the table): an MLX custom-kernel call costs 13-28 us
-# per call in an uncompiled loop against 4-9 us for a built-in op, so only qkv_post (one launch for
-# three) won in isolation (23 vs 34 us at decode, 21 vs 25 us at L=512), and in the decoding model
-# every kernel setting, qkv_post alone included, was slower than the references. Not measured on
-# Apple silicon yet: run the benchmark there before turning any of these on for Metal.
-USE = {
-    "rms_norm": False,      # one mx.fast.rms_norm launch already: 22 vs 6 us at decode
-    "add_rms_norm": False,  # 28 vs 8 us at decode (two built-in launches beat one custom)
-    "rope": False,          # one mx.fast.rope launch already: 16 vs 9 us
-    "qkv_post": False,      # faster alone (23 vs 34 us) but not in the model: 283 vs 330 tok/s
-    "swiglu": False,        # the compiled reference is one fused launch already: 13 vs 7 us
+# When each op runs its kernel: op -> None (never) or (min_rows, max_rows), the kernel running for calls
+# over `rows` token rows (batch x length) with min_rows <= rows < max_rows (max_rows None: no bound).
+# A decode step has rows = batch size; a prefill chunk, its length. The shipped defaults per back end
+# (docs/kernels.md has the evidence); `qwen_mlx.tune` measures a machine and `qwen_mlx.loader.load`
+# applies its table (`set_table`).
+SHIPPED = {
+    # H100 and H200 (MLX 0.32.4 CUDA, bf16, 0.5B): a custom-kernel call costs 11-28 us of host time
+    # against 4-9 us for a built-in op; no kernel was faster in the decoding model or at a 512-row prefill.
+    "cuda": {"rms_norm": None, "add_rms_norm": None, "rope": None, "qkv_post": None, "swiglu": None},
+    # Apple GPUs, unmeasured here: the fused kernels (one launch for two) at prefill sizes only, after
+    # MLX issue #4259 (M3, float16, a fused add+RMSNorm metal_kernel vs add then mx.fast.rms_norm:
+    # 0.73x at 1 row, 1.08x at 512, 1.21x at 4096). Run `python -m qwen_mlx.tune` on the machine.
+    "metal": {"rms_norm": None, "add_rms_norm": (512, None), "rope": None, "qkv_post": (512, None),
+              "swiglu": None},
 }
+USE: dict = dict(SHIPPED.get(gpu_backend() or "", SHIPPED["cuda"]))
+_table_source = f"shipped defaults for {gpu_backend() or 'no GPU'}"
+
+
+def rule(value):
+    """A USE entry as (min_rows, max_rows) or None; True / False (the old on/off form) mean always / never."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return (1, None)
+    lo, hi = value
+    return (int(lo), None if hi is None else int(hi))
+
+
+def set_table(table: dict, source: str) -> None:
+    """Replace USE by `table` (op -> rule, every op named); `source` says where it came from (for describe)."""
+    global _table_source
+    missing = set(USE) - set(table)
+    if missing:
+        raise ValueError(f"kernel table from {source} lacks {', '.join(sorted(missing))}")
+    USE.update({op: rule(table[op]) for op in USE})
+    _table_source = source
+
+
+def reset_table() -> None:
+    """The shipped defaults of this machine's back end."""
+    set_table(SHIPPED.get(gpu_backend() or "", SHIPPED["cuda"]), f"shipped defaults for {gpu_backend() or 'no GPU'}")
+
+
+def describe_rule(value) -> str:
+    r = rule(value)
+    if r is None:
+        return "off"
+    lo, hi = r
+    if hi is None:
+        return "on" if lo <= 1 else f"on at >= {lo} rows"
+    return f"on at {lo} row" if hi == lo + 1 and lo == 1 else f"on at {lo}..{hi - 1} rows"
+
+
+def describe() -> list:
+    """One line per op: what runs, and why (the mode, the back end, the table's source)."""
+    b = backend()
+    if b == "reference":
+        why = "QWEN_MLX_KERNELS=reference / set_backend('reference')" if _mode == "reference" else "no GPU back end"
+        return [f"kernels: all off ({why}); the plain-MLX references run"]
+    if _mode == "kernels":
+        return [f"kernels: all on ({b}; forced by set_backend('kernels') / QWEN_MLX_KERNELS=kernels)"]
+    return [f"kernels ({b}, {_table_source}): " + ", ".join(f"{op} {describe_rule(v)}" for op, v in USE.items())]
+
 
 _MODES = ("auto", "reference", "kernels")
 _mode = os.environ.get("QWEN_MLX_KERNELS", "auto").strip().lower() or "auto"
@@ -73,16 +126,25 @@ def backend() -> str:
     return gpu_backend() or "reference"
 
 
-def _use(op: str, x: mx.array) -> bool:
-    return x.size > 0 and backend() != "reference" and (_mode == "kernels" or USE[op])
+def _use(op: str, x: mx.array, rows: int) -> bool:
+    if x.size == 0 or backend() == "reference":
+        return False
+    if _mode == "kernels":
+        return True
+    r = rule(USE[op])
+    return r is not None and r[0] <= rows and (r[1] is None or rows < r[1])
+
+
+def _rows(x: mx.array) -> int:
+    return x.size // x.shape[-1] if x.size else 0
 
 
 def rms_norm(x, weight, eps):
-    return (kernels if _use("rms_norm", x) else reference).rms_norm(x, weight, eps)
+    return (kernels if _use("rms_norm", x, _rows(x)) else reference).rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x, residual, weight, eps):
-    return (kernels if _use("add_rms_norm", x) else reference).add_rms_norm(x, residual, weight, eps)
+    return (kernels if _use("add_rms_norm", x, _rows(x)) else reference).add_rms_norm(x, residual, weight, eps)
 
 
 def _per_row(offset) -> bool:
@@ -92,14 +154,14 @@ def _per_row(offset) -> bool:
 
 
 def rope(x, offset, base, freqs=None, mscale=1.0):
-    impl = kernels if _use("rope", x) and not _per_row(offset) else reference
+    impl = kernels if _use("rope", x, x.shape[0] * x.shape[2]) and not _per_row(offset) else reference
     return impl.rope(x, offset, base, freqs, mscale)
 
 
 def qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.0):
-    impl = kernels if _use("qkv_post", qkv) and not _per_row(offset) else reference
+    impl = kernels if _use("qkv_post", qkv, qkv.shape[0] * qkv.shape[1]) and not _per_row(offset) else reference
     return impl.qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs, mscale)
 
 
 def swiglu(gate_up):
-    return (kernels if _use("swiglu", gate_up) else reference).swiglu(gate_up)
+    return (kernels if _use("swiglu", gate_up, _rows(gate_up)) else reference).swiglu(gate_up)

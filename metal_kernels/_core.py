@@ -16,6 +16,7 @@ so a stale build must never be picked up after an edit.
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,20 +54,65 @@ def compat_header() -> str:
 
 
 ADDRESS_SPACE_MARK = "// ---- address spaces ----"
+PROVIDES = "// @provides "
+_WORD = re.compile(r"[A-Za-z_]\w*")
+
+
+def minify(text: str) -> str:
+    """`text` without // comments, trailing blanks and empty lines: what MLX copies and hashes on every
+    kernel call (CustomKernel::eval_gpu hashes the whole source) carries no prose. The kernel
+    sources contain no string literals, so every // starts a comment."""
+    lines = [line.split("//", 1)[0].rstrip() for line in text.splitlines()]
+    return "".join(line + "\n" for line in lines if line.strip())
+
+
+def prune(text: str, used: str) -> str:
+    """The parts of a helper file (`common.h`, `msl_compat.h`) that `used` needs. Each part starts at a
+    `// @provides NAME ...` line and runs to the next one; it is kept when a NAME it provides appears
+    as a word in `used` or in another kept part (text before the first marker is always kept)."""
+    head, *parts = text.split(PROVIDES)
+    items = []
+    for part in parts:
+        names, _, code = part.partition("\n")
+        items.append((set(names.split()), code))
+    words, keep = set(_WORD.findall(used)), [False] * len(items)
+    changed = True
+    while changed:
+        changed = False
+        for i, (names, code) in enumerate(items):
+            if not keep[i] and names & words:
+                keep[i], changed = True, True
+                words |= set(_WORD.findall(code))
+    return head + "".join(code for k, (_, code) in zip(keep, items) if k)
+
+
+def used_common(body: str) -> str:
+    """common.h reduced to the helpers `body` calls (and what they call), comments removed."""
+    return minify(prune(common_header(), body))
+
+
+@lru_cache(maxsize=None)
+def kernel_source(name: str, backend: str) -> tuple[str, str]:
+    """(header, body) as handed to MLX: comments removed, helpers pruned to what the body uses."""
+    return full_header(name, backend), minify(load_source(name)[1])
 
 
 def full_header(name: str, backend: str) -> str:
-    """The `header` text of kernel <name> on `backend`: common.h, then the file's own comment header;
-    on CUDA msl_compat.h comes first, with common.h pasted before its address-space macros."""
-    header = load_source(name)[0]
+    """The `header` text of kernel <name> on `backend`, comments removed: the parts of common.h the body
+    uses, then the file's own header section; on CUDA the parts of msl_compat.h that the body and those
+    helpers use come first, with the helpers pasted before its address-space macros."""
+    header, body = (minify(t) for t in load_source(name))
+    common = used_common(body)
+    own = header
     if backend == "metal":
-        return common_header() + "\n" + header
+        return common + own
     if backend == "cuda":
         compat = compat_header()
         if ADDRESS_SPACE_MARK not in compat:
             raise ValueError(f"msl_compat.h: no '{ADDRESS_SPACE_MARK}' line")
         before, after = compat.split(ADDRESS_SPACE_MARK, 1)
-        return before + common_header() + "\n" + ADDRESS_SPACE_MARK + after + "\n" + header
+        used = body + common + header
+        return minify(prune(before, used)) + common + minify(after) + own
     raise ValueError(f"no kernel back end {backend!r} (want 'metal' or 'cuda')")
 
 
@@ -82,8 +128,7 @@ def gpu_backend() -> str | None:
 @lru_cache(maxsize=None)
 def get_kernel(name: str, input_names: tuple, output_names: tuple, backend: str):
     """The MLX kernel object for <name>.metal on `backend` ('metal' or 'cuda'), built once."""
-    body = load_source(name)[1]
-    header = full_header(name, backend)
+    header, body = kernel_source(name, backend)
     make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
     tag = hashlib.sha1((header + body).encode()).hexdigest()[:10]
     return make(name=f"qwen_{name}_{tag}", input_names=list(input_names), output_names=list(output_names),

@@ -5,8 +5,8 @@
 // elements t, t + TG, ... of h in registers (N = ceil(D / TG) of them), writes
 // them to h, reduces the sum of squares in float32 (simd_sum, then one partial
 // per SIMD-group in threadgroup memory) and writes y.
-// Inputs:  x [rows, D] (T), r [rows, D] (T), w [D] (T), eps [1] (float32).
-// Outputs: h [rows, D] (T), y [rows, D] (T).
+// Inputs:  x [..., D] (T; rows = the product of the leading dims), r [rows, D] (T), w [D] (T), eps [1] (float32).
+// Outputs: h, y shaped like x (T).
 // Template: T (dtype), D (row length), TG (threads per row).
 // Rounding as `h = x + r; mx.fast.rms_norm(h, w, eps)`: h = T(x + r), the
 // norm is computed from the rounded h, y = T(T(h * n) * w).
@@ -14,7 +14,11 @@
 constexpr int N = (D + TG - 1) / TG;
 const uint row = threadgroup_position_in_grid.x;
 const uint tid = thread_index_in_threadgroup;
-if (row >= uint(x_shape[0])) {
+uint rows = 1;  // x may have any leading dimensions: rows is their product
+for (int i = 0; i + 1 < int(x_ndim); i++) {
+  rows *= uint(x_shape[i]);
+}
+if (row >= rows) {
   return;  // whole threadgroup past the last row (no thread reaches the barrier)
 }
 const size_t base = size_t(row) * D;

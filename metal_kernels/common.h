@@ -17,6 +17,7 @@
 #define THREADGROUP_PTR threadgroup
 #endif
 
+// @provides threadgroup_sum
 // Sum of v over a threadgroup of TG threads (TG a multiple of 32, <= 1024), in
 // float32: simd_sum within each SIMD-group, one partial per SIMD-group in
 // `partial` (threadgroup memory of TG / 32 floats, declared by the kernel),
@@ -36,12 +37,14 @@ METAL_FUNC float threadgroup_sum(float v, THREADGROUP_PTR float* partial, uint l
   return total;
 }
 
+// @provides round_to
 // x rounded to T and back to float (where the unfused MLX ops round).
 template <typename T>
 METAL_FUNC float round_to(float x) {
   return static_cast<float>(static_cast<T>(x));
 }
 
+// @provides rope_pair RotatedPair
 // NeoX RoPE of the pair (a, b) = (x[i], x[i + D/2]) at position pos with
 // frequency freq (the angle is pos / freq, as mx.fast.rope), in float32.
 struct RotatedPair {

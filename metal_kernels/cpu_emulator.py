@@ -8,8 +8,8 @@ the body synchronizes; otherwise its threads run one after another. Threadgroups
 run one at a time, so `threadgroup` variables are function statics. bfloat16
 is a 16-bit struct that rounds to nearest even; float16 is _Float16.
 
-common.h (the helpers the bodies share) is compiled in front of every body, as on the
-GPU back ends. This checks a body's indexing, guards and arithmetic; it proves nothing about
+common.h (the helpers the bodies share), pruned to what the body uses, is compiled in front of
+every body, as on the GPU back ends. This checks a body's indexing, guards and arithmetic; it proves nothing about
 the Metal or CUDA compilers (tests/test_kernels.py checks the Metal source, and
 the GPU tests run the real thing).
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._core import common_header, load_source
+from ._core import load_source, minify, used_common
 
 CXX = next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
 _CACHE = Path(tempfile.gettempdir()) / "qwen_mlx_emu"
@@ -149,7 +149,7 @@ def run(name: str, inputs: list, outputs: list, template: list, grid: int, threa
     each poisoned with NaN before the run. template: [(name, 'float32'|... or int)]."""
     if not available():
         raise RuntimeError("metal_kernels.cpu_emulator needs a C++20 compiler with <barrier> (g++ >= 11, clang++)")
-    header, body = load_source(name)
+    body = minify(load_source(name)[1])  # as the GPU back ends get it
     ct = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t", "int32": "int32_t"}
     np_of = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int32": np.int32}
     ins = []
@@ -163,6 +163,8 @@ def run(name: str, inputs: list, outputs: list, template: list, grid: int, threa
         params.append(f"const {ct[kind]}* {n}")
         if n + "_shape" in body:
             params.append(f"const int* {n}_shape")
+        if n + "_ndim" in body:
+            params.append(f"const int {n}_ndim")
     params += [f"{ct[k]}* {n}" for n, _, k in outputs]
     params += ["uint3 thread_position_in_grid", "uint3 threadgroup_position_in_grid", "uint3 threads_per_threadgroup",
                "uint thread_index_in_threadgroup", "uint thread_index_in_simdgroup",
@@ -176,6 +178,8 @@ def run(name: str, inputs: list, outputs: list, template: list, grid: int, threa
         if n + "_shape" in body:
             load.append(f"int shp_{n}[] = {{{', '.join(str(s) for s in arr.shape)}}};")
             args.append(f"shp_{n}")
+        if n + "_ndim" in body:
+            args.append(str(arr.ndim))
     store = []
     for n, shape, k in outputs:
         nbytes = int(np.prod(shape)) * np.dtype(np_of[k]).itemsize
@@ -186,7 +190,7 @@ def run(name: str, inputs: list, outputs: list, template: list, grid: int, threa
     # threads of a group must run together when the body synchronizes (directly or through common.h's
     # threadgroup_sum, whose callers all declare threadgroup memory)
     threaded = "true" if re.search(r"barrier|simd_|\bthreadgroup\b", body) else "false"
-    src = (_PRELUDE + common_header() + _ADDRESS_SPACES + f"void kernel_body({', '.join(params)}) {{\n{consts}\n{body}\n}}\n"
+    src = (_PRELUDE + used_common(body) + _ADDRESS_SPACES + f"void kernel_body({', '.join(params)}) {{\n{consts}\n{body}\n}}\n"
            + _MAIN.replace("@LOAD@", "\n  ".join(load)).replace("@ARGS@", ", ".join(args))
            .replace("@STORE@", "\n  ".join(store)).replace("@THREADED@", threaded))
     _CACHE.mkdir(exist_ok=True)

@@ -12,6 +12,9 @@ costs one fill per output, so it is for tests only.
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
 import mlx.core as mx
 
 from . import _core
@@ -19,74 +22,96 @@ from . import _core
 POISON = False
 
 
-def _run(name, inputs, input_names, output_names, template, grid, threadgroup, out_shapes, out_dtypes,
-         backend=None, stream=None, verbose=False):
+def _run(name, inputs, input_names, output_names, call, backend=None, stream=None, verbose=False):
+    """Run kernel `name`; `call` is its per-shape arguments (template, grid, threadgroup, output shapes
+    and dtypes), computed once per shape by the `_args_*` functions below."""
     backend = backend or _core.gpu_backend()
     if backend == "cpu-emulator":
-        return _emulate(name, inputs, input_names, output_names, template, grid, threadgroup, out_shapes, out_dtypes)
+        return _emulate(name, inputs, input_names, output_names, *call)
     if backend is None:
         raise RuntimeError("metal_kernels.kernels needs a GPU (Metal or CUDA); use metal_kernels.reference")
-    kernel = _core.get_kernel(name, tuple(input_names), tuple(output_names), backend)
+    kernel = _core.get_kernel(name, input_names, output_names, backend)
+    template, grid, threadgroup, out_shapes, out_dtypes = call
     kw = {"stream": stream} if stream is not None else {}
     return kernel(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
                   output_shapes=out_shapes, output_dtypes=out_dtypes, verbose=verbose,
                   init_value=float("nan") if POISON else None, **kw)
 
 
-def rms_norm(x, weight, eps, **kw):
-    D = x.shape[-1]
-    x2 = x.reshape(-1, D)
+def _as(a, dtype):
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+# Per-shape call arguments, computed once: a decode step calls each op with the same shapes in every
+# layer, so the Python side of a call is a cache look-up, the inputs, and MLX's own call.
+@lru_cache(maxsize=512)
+def _args_norm(shape, dtype, n_out):
+    D = shape[-1]
     tg = _core.row_threads(D)
-    (y,) = _run("rms_norm", [x2, weight.astype(x.dtype), _core.f32_scalar(eps)], ("x", "w", "eps"), ("y",),
-                [("T", x.dtype), ("D", D), ("TG", tg)], (x2.shape[0] * tg, 1, 1), (tg, 1, 1),
-                [x2.shape], [x.dtype], **kw)
-    return y.reshape(x.shape)
+    rows = math.prod(shape[:-1])
+    return ([("T", dtype), ("D", D), ("TG", tg)], (rows * tg, 1, 1), (tg, 1, 1), [shape] * n_out, [dtype] * n_out)
+
+
+@lru_cache(maxsize=512)
+def _args_rope(shape, dtype):
+    B, H, L, D = shape
+    n = B * H * L * (D // 2)
+    return ([("T", dtype), ("D", D)], (_core.round_up(max(n, 1), _core.TG), 1, 1), (_core.TG, 1, 1), [shape], [dtype])
+
+
+@lru_cache(maxsize=512)
+def _args_qkv_post(shape, dtype, bias_dtype, n_heads, n_kv_heads):
+    B, L, F = shape
+    nh = n_heads + 2 * n_kv_heads
+    D = F // nh
+    n = B * L * nh * (D // 2)
+    return ([("T", dtype), ("BT", bias_dtype), ("D", D), ("HQ", n_heads), ("HKV", n_kv_heads)],
+            (_core.round_up(max(n, 1), _core.TG), 1, 1), (_core.TG, 1, 1),
+            [(B, n_heads, L, D), (B, n_kv_heads, L, D), (B, n_kv_heads, L, D)], [dtype] * 3)
+
+
+@lru_cache(maxsize=512)
+def _args_swiglu(shape, dtype):
+    I = shape[-1] // 2
+    n = math.prod(shape[:-1]) * I
+    return ([("T", dtype), ("I", I)], (_core.round_up(max(n, 1), _core.TG), 1, 1), (_core.TG, 1, 1),
+            [(*shape[:-1], I)], [dtype])
+
+
+# The norms and swiglu take any leading dimensions (the bodies multiply them out): no reshapes.
+def rms_norm(x, weight, eps, **kw):
+    (y,) = _run("rms_norm", [x, _as(weight, x.dtype), _core.f32_scalar(eps)], ("x", "w", "eps"), ("y",),
+                _args_norm(tuple(x.shape), x.dtype, 1), **kw)
+    return y
 
 
 def add_rms_norm(x, residual, weight, eps, **kw):
-    D = x.shape[-1]
-    x2, r2 = x.reshape(-1, D), residual.astype(x.dtype).reshape(-1, D)
-    tg = _core.row_threads(D)
-    h, y = _run("add_rms_norm", [x2, r2, weight.astype(x.dtype), _core.f32_scalar(eps)], ("x", "r", "w", "eps"),
-                ("h", "y"), [("T", x.dtype), ("D", D), ("TG", tg)], (x2.shape[0] * tg, 1, 1), (tg, 1, 1),
-                [x2.shape, x2.shape], [x.dtype, x.dtype], **kw)
-    return h.reshape(x.shape), y.reshape(x.shape)
+    h, y = _run("add_rms_norm", [x, _as(residual, x.dtype), _as(weight, x.dtype), _core.f32_scalar(eps)],
+                ("x", "r", "w", "eps"), ("h", "y"), _args_norm(tuple(x.shape), x.dtype, 2), **kw)
+    return h, y
 
 
 def _freqs(base, freqs, D):
-    return _core.base_freqs(float(base), D) if freqs is None else freqs.astype(mx.float32)
+    return _core.base_freqs(float(base), D) if freqs is None else _as(freqs, mx.float32)
 
 
 def rope(x, offset, base, freqs=None, mscale=1.0, **kw):
-    B, H, L, D = x.shape
-    n = B * H * L * (D // 2)
-    (out,) = _run("rope", [x, _freqs(base, freqs, D), _core.pos_array(offset), _core.f32_scalar(mscale)],
-                  ("x", "freqs", "pos0", "mscale"), ("out",), [("T", x.dtype), ("D", D)],
-                  (_core.round_up(max(n, 1), _core.TG), 1, 1), (_core.TG, 1, 1), [x.shape], [x.dtype], **kw)
+    (out,) = _run("rope", [x, _freqs(base, freqs, x.shape[-1]), _core.pos_array(offset), _core.f32_scalar(mscale)],
+                  ("x", "freqs", "pos0", "mscale"), ("out",), _args_rope(tuple(x.shape), x.dtype), **kw)
     return out
 
 
 def qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.0, **kw):
-    B, L, F = qkv.shape
-    nh = n_heads + 2 * n_kv_heads
-    D = F // nh
-    n = B * L * nh * (D // 2)
+    call = _args_qkv_post(tuple(qkv.shape), qkv.dtype, bias.dtype, n_heads, n_kv_heads)
+    D = call[0][2][1]
     return tuple(_run(
         "qkv_post", [qkv, bias, _freqs(base, freqs, D), _core.pos_array(offset), _core.f32_scalar(mscale)],
-        ("qkv", "bias", "freqs", "pos0", "mscale"), ("q", "k", "v"),
-        [("T", qkv.dtype), ("BT", bias.dtype), ("D", D), ("HQ", n_heads), ("HKV", n_kv_heads)],
-        (_core.round_up(max(n, 1), _core.TG), 1, 1), (_core.TG, 1, 1),
-        [(B, n_heads, L, D), (B, n_kv_heads, L, D), (B, n_kv_heads, L, D)], [qkv.dtype] * 3, **kw))
+        ("qkv", "bias", "freqs", "pos0", "mscale"), ("q", "k", "v"), call, **kw))
 
 
 def swiglu(gate_up, **kw):
-    I = gate_up.shape[-1] // 2
-    g2 = gate_up.reshape(-1, 2 * I)
-    n = g2.shape[0] * I
-    (out,) = _run("swiglu", [g2], ("gate_up",), ("out",), [("T", gate_up.dtype), ("I", I)],
-                  (_core.round_up(max(n, 1), _core.TG), 1, 1), (_core.TG, 1, 1), [(g2.shape[0], I)],
-                  [gate_up.dtype], **kw)
-    return out.reshape(*gate_up.shape[:-1], I)
+    (out,) = _run("swiglu", [gate_up], ("gate_up",), ("out",), _args_swiglu(tuple(gate_up.shape), gate_up.dtype), **kw)
+    return out
 
 
 _DT = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16", mx.int32: "int32"}

@@ -6,15 +6,19 @@
 // loads), so x is read once. Sum of squares in float32: simd_sum within each
 // SIMD-group, one partial per SIMD-group in threadgroup memory, every thread
 // then adds the TG / 32 partials in the same order.
-// Inputs:  x [rows, D] (T), w [D] (T), eps [1] (float32).
-// Output:  y [rows, D] (T).
+// Inputs:  x [..., D] (T; rows = the product of the leading dims), w [D] (T), eps [1] (float32).
+// Output:  y shaped like x (T).
 // Template: T (dtype), D (row length), TG (threads per row).
 // Rounding as mx.fast.rms_norm: y = T(T(x * n) * w), n = rsqrt(mean + eps) in float32.
 // ---- body ----
 constexpr int N = (D + TG - 1) / TG;
 const uint row = threadgroup_position_in_grid.x;
 const uint tid = thread_index_in_threadgroup;
-if (row >= uint(x_shape[0])) {
+uint rows = 1;  // x may have any leading dimensions: rows is their product
+for (int i = 0; i + 1 < int(x_ndim); i++) {
+  rows *= uint(x_shape[i]);
+}
+if (row >= rows) {
   return;  // whole threadgroup past the last row (no thread reaches the barrier)
 }
 const size_t base = size_t(row) * D;

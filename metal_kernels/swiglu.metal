@@ -1,15 +1,18 @@
 // swiglu: out = silu(gate) * up, gate_up = [gate | up] along the last axis.
 //
-// gate_up [rows, 2*I] is the fused gate/up projection output: gate is the
+// gate_up [..., 2*I] is the fused gate/up projection output: gate is the
 // first I columns of a row, up the last I. silu(g) = g * sigmoid(g) in
 // float32, one rounding to T at the end.
 // Layout: one thread per output element: grid = (rows*I rounded up to TG, 1, 1),
 // threadgroup = (TG, 1, 1); threads past the end return at once.
-// Input:   gate_up [rows, 2*I] (T).    Output: out [rows, I] (T).
+// Input:   gate_up [..., 2*I] (T).    Output: out [..., I] (T).
 // Template: T (dtype), I (intermediate size).
 // ---- body ----
 const uint g = thread_position_in_grid.x;
-const uint rows = uint(gate_up_shape[0]);
+uint rows = 1;  // gate_up may have any leading dimensions: rows is their product
+for (int i = 0; i + 1 < int(gate_up_ndim); i++) {
+  rows *= uint(gate_up_shape[i]);
+}
 if (g >= rows * uint(I)) {
   return;
 }

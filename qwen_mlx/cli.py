@@ -1,6 +1,6 @@
 """What every qwen_mlx command line shares: how it fails.
 
-One convention for `python -m qwen_mlx.generate`, `.convert`, `.parity` and `.perplexity`:
+One convention for `python -m qwen_mlx.generate`, `.convert`, `.parity`, `.perplexity` and `.tune`:
 exit status 2 for a usage error (an unknown flag, a bad flag value: found before any work
 starts), 1 for a runtime error (a missing or unreadable file, a prompt over the model's
 context), each reported as ONE line on stderr; 0 on success. (`parity` also exits 1 when the

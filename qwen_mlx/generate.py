@@ -28,6 +28,8 @@ from . import _blas
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
+import metal_kernels as K
+
 from .cli import ArgumentParser, runtime_error
 from .batch import PromptError, batch_generate
 from .batch_io import read_requests, write_results
@@ -262,6 +264,8 @@ def main(argv: Optional[list] = None) -> None:
         if a.verbose:
             print(f"loaded {a.model or 'the default model'}{' and the draft' if a.draft else ''} in "
                   f"{time.perf_counter() - tic:.1f} s ({desc})", file=sys.stderr)
+            for line in K.describe():
+                print(line, file=sys.stderr)
         if a.chat:
             return _chat(model, tokenizer, a, desc)
         if a.prompts_file:

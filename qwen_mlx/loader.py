@@ -44,6 +44,8 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
     shard: tensor parallelism (docs/distributed.md). None: split the model over the ranks of
     `mlx.launch`'s group when there is more than one, each rank reading only its own slices;
     False: load the whole model; True or an `mx.distributed.Group`: split over that group.
+    The kernels (`metal_kernels.USE`) are set for this model on this machine: the table
+    `python -m qwen_mlx.tune` wrote, else the back end's shipped defaults (`qwen_mlx.kernel_table`).
     Returns (model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper
     around a transformers tokenizer (encode / decode / apply_chat_template), built
     the same way for both sources (`qwen_mlx.tokenizer.load_tokenizer`).
@@ -83,6 +85,9 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
     model = build_model(config, weights, dtype, group)
     if group:
         dist.sync_seed(group)
+    from .kernel_table import apply as apply_kernel_table
+
+    apply_kernel_table(model)  # this machine's tuned kernel table for the model, or the shipped defaults
     return model, tokenizer
 
 

@@ -1,6 +1,7 @@
 """Microbenchmark of metal_kernels: each kernel vs the plain-MLX ops it replaces (its reference).
 
     python scripts/bench_kernels.py [--json out.json] [--calls 200] [--repeats 7] [--no-model]
+    python scripts/bench_kernels.py --host     # host µs per call: our wrapper vs MLX's custom-kernel call
 
 Needs a GPU (Metal or CUDA). Qwen2.5-0.5B geometry (hidden 896, ffn 4864, 14/2 heads, head dim
 64), bfloat16, at a decode shape (B=1, L=1) and a prefill shape (B=1, L=512).
@@ -181,17 +182,65 @@ def model_bench(tokens: int, repeats: int, prompt: int = 512):
     return out
 
 
+def host_split(calls: int = 2000, repeats: int = 7) -> dict:
+    """Host time per call spent building each op's graph node at the decode shape, split into ours (the
+    wrapper: reshapes, casts, argument look-ups) and MLX's (the custom-kernel call: source string,
+    template formatting, the node), next to the built-in reference ops. Ours is timed with MLX's call
+    replaced by a stub that returns ready outputs, so it runs without a GPU too; MLX's part needs one.
+    Median of `repeats` runs of `calls` calls each, µs per call; nothing is evaluated."""
+    a = inputs(1)
+    gpu = K._core.gpu_backend()
+    outs = {}
+
+    def stub(name, input_names, output_names, backend):
+        def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **kw):
+            return [outs.setdefault((tuple(s), d), mx.zeros(s, d)) for s, d in zip(output_shapes, output_dtypes)]
+        return call
+
+    def per_call(fn, args):
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn(*args)
+            ts.append((time.perf_counter() - t) / calls * 1e6)
+        return statistics.median(ts)
+
+    res = {}
+    real = K._core.get_kernel
+    for name, (kern, ref, args) in ops(a, 300).items():
+        row = {"reference_build_us": per_call(ref, args)}
+        K._core.get_kernel = stub
+        try:
+            row["ours_us"] = per_call(lambda *x: kern(*x, backend=gpu or "cuda"), args)
+        finally:
+            K._core.get_kernel = real
+        if gpu:
+            row["total_us"] = per_call(kern, args)
+            row["mlx_us"] = row["total_us"] - row["ours_us"]
+        res[name] = row
+        print(f"host {name:13s} " + "  ".join(f"{k} {v:6.2f}" for k, v in row.items()), flush=True)
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", help="write the results here")
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-model", action="store_true")
+    p.add_argument("--host", action="store_true",
+                   help="only the host cost per call, ours vs MLX's (ours also runs without a GPU)")
     p.add_argument("--model-tokens", type=int, default=100)
     p.add_argument("--model-repeats", type=int, default=3)
     args = p.parse_args()
+    if args.host:
+        result = dict(host=host_split(), mlx=mx.__version__, backend=K._core.gpu_backend())
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
     if K._core.gpu_backend() is None:
-        sys.exit("bench_kernels.py needs a GPU (Metal or CUDA)")
+        sys.exit("bench_kernels.py needs a GPU (Metal or CUDA); --host runs without one")
     info = dict(mlx=mx.__version__, backend=K._core.gpu_backend(), python=platform.python_version(),
                 device=str(mx.default_device()))
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import secrets
 import subprocess
 import sys
@@ -256,10 +257,15 @@ def test_metal_source(name, dtype, capfd, tmp_path):
         assert re.search(rf"uint3? {a} \[\[{a}\]\]", src), a
     assert re.search(rf"template \[\[host_name\(\"custom_kernel_qwen_{name}_\w+\"\)\]\] \[\[kernel\]\] "
                      rf"decltype\(.*<{t}, {re.escape(inst)}>\)", src)
-    header, body = _core.load_source(name)
+    header, body = _core.kernel_source(name, "metal")
     assert body.strip() in src and header.strip() in src
-    assert _core.common_header().strip() in src, "common.h must be in every kernel's source"
-    assert src.index("METAL_FUNC RotatedPair rope_pair") < src.index("[[kernel]]")
+    assert _core.used_common(body).strip() in src, "the common.h helpers a body uses are in its source"
+    if name in ("rope", "qkv_post"):
+        assert src.index("METAL_FUNC RotatedPair rope_pair") < src.index("[[kernel]]")
+    else:
+        assert "rope_pair" not in src, "a helper the body does not call is left out"
+    raw_header, raw_body = _core.load_source(name)
+    assert raw_header.splitlines()[0] not in src and "// ---- body ----" not in src, "no comments reach MLX"
 
 
 # What common.h owns is written there only: a body that re-implements it fails here.
@@ -280,21 +286,95 @@ def test_shared_device_code_in_one_place(name):
 
 
 def test_common_header_on_every_back_end():
-    common = _core.common_header()
-    found = sorted(set(m.group(0) for m in CUDA_NAMES.finditer(common)))
+    found = sorted(set(m.group(0) for m in CUDA_NAMES.finditer(_core.common_header())))
     assert not found, f"common.h uses CUDA names {found}: it must stay Metal (msl_compat.h maps them)"
     for name in _core.KERNEL_NAMES:
-        header = _core.load_source(name)[0]
-        metal = _core.full_header(name, "metal")
-        assert metal.index(common) < metal.index(header)
+        body = _core.kernel_source(name, "metal")[1]
+        common = _core.used_common(body)
+        assert _core.full_header(name, "metal").startswith(common)
         cuda = _core.full_header(name, "cuda")
         # on CUDA the helpers must come after msl_compat.h's METAL_FUNC and before its `#define device`
         # (which would turn __device__ into an empty attribute)
         assert cuda.index("#define METAL_FUNC __device__") < cuda.index(common) < cuda.index("#define device\n")
-        assert cuda.index("#define device\n") < cuda.index(header)
     # the header travels with the package (pyproject's package-data)
     pyproject = (Path(_core.DIR).parent / "pyproject.toml").read_text()
     assert re.search(r'^metal_kernels = \[.*"\*\.h".*\]', pyproject, re.M)
+
+
+def test_sources_carry_no_comments_and_only_used_definitions():
+    """MLX copies and hashes a kernel's whole source on every call: no prose, and of common.h and
+    msl_compat.h only what the body uses (directly or through another kept definition)."""
+    for name in _core.KERNEL_NAMES:
+        for backend in ("metal", "cuda"):
+            header, body = _core.kernel_source(name, backend)
+            assert "//" not in header + body, (name, backend)
+        header, body = _core.kernel_source(name, "cuda")
+        uses_simd = "simd_sum" in header.split("threadgroup_sum", 1)[-1] or "simd_sum(" in body
+        assert ("U simd_sum(" in header) == uses_simd, name
+        assert "simd_max" not in header and "simd_broadcast" not in header  # no body uses them
+        assert ("float cos(" in header) == (name in ("rope", "qkv_post")), name
+        full = len(_core.compat_header()) + len(_core.common_header()) + sum(map(len, _core.load_source(name)))
+        assert len(header + body) < 0.6 * full, (name, len(header + body), full)
+    # pruning follows what a kept definition itself uses
+    text = ("head\n// @provides a\nint a = b;\n// @provides b\nint b = 1;\n// @provides c\nint c;\n")
+    assert _core.prune(text, "x = a") == "head\nint a = b;\nint b = 1;\n"
+    assert _core.minify("int x;  // note\n\n// only a comment\n  y();\n") == "int x;\n  y();\n"
+
+
+# Enough of CUDA for g++ to parse msl_compat.h + common.h + a body (declarations only: nothing runs).
+CUDA_STUBS = r"""
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+struct uint3 { unsigned x, y, z; };
+struct dim3 { unsigned x, y, z; operator uint3() const { return {x, y, z}; } };
+inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { return {x, y, z}; }
+extern uint3 threadIdx, blockIdx;
+extern dim3 blockDim, gridDim;
+inline void __syncthreads() {}
+inline void __syncwarp() {}
+template <typename U> U __shfl_xor_sync(unsigned, U x, int) { return x; }
+template <typename U> U __shfl_sync(unsigned, U x, int) { return x; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __cosf(float x) { return std::cos(x); }
+inline float __sinf(float x) { return std::sin(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+struct __nv_bfloat16 { __nv_bfloat16() = default; __nv_bfloat16(float) {} operator float() const { return 0; } };
+"""
+
+CUDA_CASES = {  # op -> (inputs, outputs, template)
+    "rms_norm": (["x", "w", "eps"], ["y"], "using T = __nv_bfloat16; constexpr int D = 896; constexpr int TG = 224;"),
+    "add_rms_norm": (["x", "r", "w", "eps"], ["h", "y"],
+                     "using T = __nv_bfloat16; constexpr int D = 896; constexpr int TG = 224;"),
+    "rope": (["x", "freqs", "pos0", "mscale"], ["out"], "using T = __nv_bfloat16; constexpr int D = 64;"),
+    "qkv_post": (["qkv", "bias", "freqs", "pos0", "mscale"], ["q", "k", "v"],
+                 "using T = __nv_bfloat16; using BT = float; constexpr int D = 64; constexpr int HQ = 14; "
+                 "constexpr int HKV = 2;"),
+    "swiglu": (["gate_up"], ["out"], "using T = __nv_bfloat16; constexpr int I = 4864;"),
+}
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+@pytest.mark.parametrize("name", _core.KERNEL_NAMES)
+def test_pruned_cuda_source_parses(name, tmp_path):
+    """What goes to mx.fast.cuda_kernel, after pruning, still declares everything the body names:
+    msl_compat.h's kept parts + common.h's + the body, parsed by g++ against CUDA stubs (the GPU
+    tests compile it with NVRTC for real)."""
+    header, body = _core.kernel_source(name, "cuda")
+    ins, outs, consts = CUDA_CASES[name]
+    params = [f"const int* {n}" if n == "pos0" else f"const float* {n}" for n in ins]
+    params = [p.replace("float", "T") if p.split()[-1] in ("x", "r", "w", "qkv", "gate_up") else p for p in params]
+    params += [f"const int* {n}_shape, const int {n}_ndim" for n in ins] + [f"T* {n}" for n in outs]
+    src = (CUDA_STUBS + header + "namespace mlx::core::cu {\n" + consts + f"\nvoid custom_kernel({', '.join(params)}) {{\n{body}\n}}\n}}\n")
+    if name == "qkv_post":  # the bias has its own type
+        src = src.replace("const float* bias", "const BT* bias")
+    (tmp_path / "k.cpp").write_text(src)
+    r = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", str(tmp_path / "k.cpp")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
