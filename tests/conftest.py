@@ -64,3 +64,34 @@ def converted_default_model(default_model, tmp_path_factory):
     start = time.perf_counter()
     out = convert(default_model, tmp_path_factory.mktemp("converted") / "out", dtype="float32", progress=False)
     return out, time.perf_counter() - start
+
+
+# The real model, loaded once per session and shared by the test files that only read it (each
+# load costs seconds here; transformers' GGUF load, dequantizing in numpy, costs more).
+@pytest.fixture(scope="session")
+def real_model(default_model):
+    """(model, tokenizer): the default model through `qwen_mlx.load` in float32 (dequantized)."""
+    return qwen_mlx.load(default_model, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model):
+    """transformers' float32 model of the same GGUF (eval mode): the independent reference."""
+    from qwen_mlx.parity import load_transformers
+
+    return load_transformers(default_model)
+
+
+@pytest.fixture(scope="session")
+def real_greedy(real_model):
+    """Our float32 greedy continuations of the reference prompts (tests/real_prompts.py): per prompt,
+    (prompt ids, N_NEW tokens from `generate_step`, which does not stop at EOS)."""
+    from qwen_mlx.generation import generate_step
+    from real_prompts import N_NEW, PROMPTS, prompt_ids
+
+    model, tok = real_model
+    out = []
+    for prompt, chat in PROMPTS:
+        ids = prompt_ids(tok, prompt, chat)
+        out.append((ids, [t for t, _ in generate_step(mx.array(ids), model, max_tokens=N_NEW)]))
+    return out

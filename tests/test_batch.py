@@ -305,8 +305,8 @@ def test_gpu_greedy_batch_equals_single(tiny, backend):
 # ---------------------------------------------------------------- the real model
 
 @pytest.fixture(scope="module")
-def real(default_model):
-    return qwen_mlx.load(default_model, dtype="float32")
+def real(real_model):
+    return real_model
 
 
 @pytest.mark.real_model

@@ -253,24 +253,14 @@ def test_continuation_checks_the_prefix():
 # ---- the real model -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def real(default_model):
-    return qwen_mlx.load(default_model, dtype="float32")
+def real(real_model):
+    return real_model
 
 
 @pytest.fixture(scope="module")
-def real_sequences(real):
+def real_sequences(real_greedy):
     """The reference prompts of test_real_model with 48 greedy tokens from the full-precision cache."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_real_model import N_NEW, PROMPTS
-
-    model, tok = real
-    seqs = []
-    for prompt, chat in PROMPTS:
-        ids = (tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-               if chat else tok.encode(prompt, add_special_tokens=False))
-        new = [t for t, _ in generate_step(mx.array(ids), model, max_tokens=N_NEW)]
-        seqs.append((list(ids), new))
-    return seqs
+    return real_greedy
 
 
 @pytest.mark.real_model
@@ -280,9 +270,10 @@ def test_real_model_quantized_kv_teacher_forced_agreement(real, real_sequences):
     the full-precision cache's greedy continuations: the argmax agrees with the full-precision
     argmax at >= 99% of the continuation positions with 8 bits in groups of 32 (measured 280/282;
     groups of 64: 278/282 = 98.6%, and 4 bits 225/282, are reported, not asserted). Quantizing
-    from the very first token (prompt included) is reported too: it is harsher on this model,
-    whose layer-0 keys reach ~145 in a few dimensions (docs/architecture.md), so one group's
-    quantization step is large for all its other dimensions."""
+    from the very first token (prompt included) is harsher on this model, whose layer-0 keys reach
+    ~145 in a few dimensions (docs/architecture.md), so one group's quantization step is large for
+    all its other dimensions; that case is not timed here (quantized attention over whole prompts
+    is slow on a CPU)."""
     model, _ = real
     stats = {}
     total = 0
@@ -297,12 +288,8 @@ def test_real_model_quantized_kv_teacher_forced_agreement(real, real_sequences):
             maybe_quantize(cache, kv)
             got = np.array(mx.argmax(model(mx.array([new[:-1]]), cache=cache)[0], -1))
             stats[bits, group] = stats.get((bits, group), 0) + int((got == full).sum())
-            first = model(mx.array([seq]), cache=model.make_cache(kv_bits=bits, kv_group_size=group))
-            first = np.array(mx.argmax(first[0, n:-1], -1))
-            stats[bits, group, "first"] = stats.get((bits, group, "first"), 0) + int((first == full).sum())
     print(f"teacher-forced argmax agreement with the full-precision cache over {total} positions: "
-          + ", ".join(f"{b}-bit group {g} {stats[b, g] / total:.2%} (quantized from the first token "
-                      f"{stats[b, g, 'first'] / total:.2%})" for b, g in ((8, 32), (8, 64), (4, 64))))
+          + ", ".join(f"{b}-bit group {g} {stats[b, g] / total:.2%}" for b, g in ((8, 32), (8, 64), (4, 64))))
     assert stats[8, 32] / total >= 0.99, stats
 
 

@@ -18,32 +18,17 @@ pytestmark = pytest.mark.real_model
 torch = pytest.importorskip("torch", reason="the real-model tests need torch (pip install -e '.[test]')")
 transformers = pytest.importorskip("transformers")
 
-N_NEW = 48
-LONG_CODE = (Path(qwen_mlx.__file__).parent / "generate.py").read_text()[:2000]
-# (messages or raw text, use chat template)
-PROMPTS = [
-    ("The three laws of thermodynamics are", False),
-    ([{"role": "user", "content": "Write a Python function that checks whether a number is prime."}], True),
-    ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", False),
-    ([{"role": "system", "content": "You are a terse assistant. Answer in one sentence."},
-      {"role": "user", "content": "Why is the sky blue?"}], True),
-    ([{"role": "user", "content": "用中文解释一下什么是递归，并给一个例子。"}], True),
-    ([{"role": "user", "content": "Summarize what this code does:\n\n" + LONG_CODE}], True),
-]
-
+from real_prompts import N_NEW, PROMPTS, until_eos  # noqa: E402  (shared with the KV-cache and speculative tests)
 
 @pytest.fixture(scope="module")
-def hf(default_model):
+def hf(default_model, hf_model):
     p = Path(default_model)
-    tok = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
-    model.eval()
-    return model, tok
+    return hf_model, transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
 
 
 @pytest.fixture(scope="module")
-def ours(default_model):
-    return qwen_mlx.load(default_model, dtype="float32")
+def ours(real_model):
+    return real_model
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +80,14 @@ def test_float32_teacher_forced_argmax_and_logits(ours, references):
     assert agree / total >= 0.99, f"teacher-forced argmax agreement {agree}/{total}"
 
 
-def test_float32_cached_greedy_generation_reproduces_transformers(ours, references):
+def test_float32_cached_greedy_generation_reproduces_transformers(ours, references, real_greedy):
     """Free-running greedy decoding with the KV cache gives transformers' tokens, up to the
     first near-tie (top-2 logit gap < 1e-3 in the reference, where float32 rounding may
     legitimately pick either token)."""
-    model, tokenizer = ours
-    for ids, new, ref_logits in references:
-        got = [r.token for r in qwen_mlx.stream_generate(model, tokenizer, ids, max_tokens=N_NEW)]
+    _, tokenizer = ours
+    for (ids, new, ref_logits), (our_ids, ours_new) in zip(references, real_greedy):
+        assert our_ids == ids
+        got = until_eos(ours_new, tokenizer.eos_token_ids)  # generate_step's tokens, as stream_generate stops
         for i, (a, b) in enumerate(zip(got, new)):
             top2 = np.sort(ref_logits[len(ids) - 1 + i])[-2:]
             if top2[1] - top2[0] < 1e-3:

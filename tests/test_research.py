@@ -463,9 +463,8 @@ CODE = '''class LRUCache:
 
 
 @pytest.fixture(scope="module")
-def real(default_model):
-    model, tok = qwen_mlx.load(default_model, dtype="float32")
-    return model, tok, parity.load_transformers(default_model)
+def real(real_model, hf_model):
+    return (*real_model, hf_model)
 
 
 @pytest.mark.real_model

@@ -307,8 +307,8 @@ EDIT_CODE = '''def moving_average(values, window):
 
 
 @pytest.fixture(scope="module")
-def real(default_model):
-    return qwen_mlx.load(default_model, dtype="float32")
+def real(real_model):
+    return real_model
 
 
 def real_prompt_ids(tok, prompt, chat):
@@ -316,17 +316,20 @@ def real_prompt_ids(tok, prompt, chat):
 
 
 @pytest.mark.real_model
-def test_real_model_greedy_speculative_equals_plain(real):
+def test_real_model_greedy_speculative_equals_plain(real, real_greedy):
     """The default model in float32: prompt lookup over the reference prompts and a code-editing
     prompt, and the model drafting itself, give plain greedy decoding's tokens exactly."""
-    from test_real_model import PROMPTS as REFERENCE
+    from real_prompts import until_eos
 
     model, tok = real
     edit = [{"role": "user", "content": "Rename `total` to `running_sum` in this function and reply with the whole "
                                         "function in one code block:\n\n```python\n" + EDIT_CODE + "```"}]
-    cases = [(real_prompt_ids(tok, p, chat), 16) for p, chat in REFERENCE] + [(real_prompt_ids(tok, edit, True), 80)]
-    for i, (ids, n) in enumerate(cases):
-        plain = tokens(model, tok, ids, max_tokens=n)
+    # plain greedy decoding of the reference prompts: the shared generate_step run, as stream_generate stops
+    cases = [(ids, until_eos(new[:16], tok.eos_token_ids)) for ids, new in real_greedy]
+    cases.append((real_prompt_ids(tok, edit, True), None))
+    for i, (ids, plain) in enumerate(cases):
+        n = 16 if plain is not None else 80
+        plain = plain if plain is not None else tokens(model, tok, ids, max_tokens=n)
         rs = list(stream_generate(model, tok, ids, max_tokens=n, prompt_lookup=3, num_draft_tokens=10))
         assert [r.token for r in rs] == plain, f"prompt {i}"
         if i == len(cases) - 1:  # the edit repeats the function: most of it comes from lookup

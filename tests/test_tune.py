@@ -137,3 +137,13 @@ def test_tune_cli_without_a_gpu(tiny_gguf):
     r = subprocess.run([sys.executable, "-m", "qwen_mlx.tune", "--rounds", "0"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "--rounds must be at least 1" in r.stderr
+
+
+def test_verbose_says_which_kernels_run(tiny_gguf):
+    r = subprocess.run([sys.executable, "-m", "qwen_mlx.generate", "--model", str(tiny_gguf()), "--prompt", "the",
+                        "--ignore-chat-template", "--max-tokens", "2", "--verbose"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("kernels")]
+    assert lines == K.describe() or K.backend() != "reference", r.stderr
+    assert len(lines) == 1 and ("all off" in lines[0] or "on" in lines[0])
