@@ -6,6 +6,12 @@ generation engine (`insert` / `remove` / `step`, the interface of `qwen_mlx.batc
 cache; HTTP handlers hand it validated requests through a queue and read each request's tokens back
 from that request's own asyncio queue. A client that goes away cancels its sequence in the engine.
 Wire format and validation: `openai_api.py`; prompt-cache reuse: `prompt_cache.py`.
+
+Under `mlx.launch` (tensor parallelism, `docs/distributed.md`) rank 0 serves HTTP and the other
+ranks run the same scheduler without it: every loop turn, rank 0 broadcasts what it takes from
+its inbox (new requests with their prompt ids and sampling settings, cancellations, stop) and
+every rank applies the same messages to its own engine and prompt cache in the same order, so all
+ranks run the same forward passes together and sample the same tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import itertools
 import json
 import logging
 import queue
@@ -20,6 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,6 +38,7 @@ from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from . import _blas  # noqa: F401  (before mlx.core)
+import mlx.core as mx
 from .cli import ArgumentParser, runtime_error
 from .openai_api import (APIError, LogprobFormatter, ParsedRequest, chunk_body, parse_request, response_body, usage,
                          usage_chunk)
@@ -50,19 +59,25 @@ class Job:
     cached: int = 0  # prompt tokens found in the prompt cache
     finished: bool = False  # the handler saw the last event
     cancelled: bool = False
+    jid: Optional[int] = None  # the scheduler's number for it (the same on every rank)
 
     def emit(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if self.loop is not None:  # None: a stand-in on a rank other than 0 (nobody listens)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Scheduler:
     """The one thread that touches MLX: loads the model, then loops: take new requests and
     cancellations from the inbox, run one engine step, hand each response to its job."""
 
-    def __init__(self, load: Callable, make_engine: Callable, prompt_cache: PromptCache):
+    def __init__(self, load: Callable, make_engine: Callable, prompt_cache: PromptCache, group=None):
         self._load, self._make_engine, self.prompt_cache = load, make_engine, prompt_cache
+        self.group = group if group is not None and group.size() > 1 else None  # mlx.launch's ranks
+        self.follower = self.group is not None and self.group.rank() != 0
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.jobs: dict[int, Job] = {}
+        self.jobs: dict[int, Job] = {}  # engine uid -> job
+        self._by_jid: dict[int, Job] = {}
+        self._jids = itertools.count()
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "peak_batch": 0}
         self.ready = threading.Event()
         self.error: Optional[BaseException] = None
@@ -109,30 +124,67 @@ class Scheduler:
                     job.emit(APIError("generation failed (see the server log)", status=500, type="server_error"))
                 self.stats["failed"] += len(self.jobs)
                 self.jobs.clear()
+                self._by_jid.clear()
                 self.engine = self._make_engine(self.model, self.tokenizer)
 
     def _take_messages(self, block: bool) -> bool:
-        msgs = [self.inbox.get()] if block else []
+        """One loop turn's messages, applied; False at stop."""
+        return self._apply(self._collect(block))
+
+    def _collect(self, block: bool) -> list:
+        """This turn's messages as plain data: ["add", jid, prompt ids, sampling], ["cancel", jid],
+        ["stop"]. Rank 0 takes them from the inbox (and broadcasts them under mlx.launch); the
+        other ranks receive rank 0's."""
+        from .distributed import broadcast
+
+        if self.follower:
+            return broadcast(None, self.group)
+        raw = [self.inbox.get()] if block else []
         while True:
             try:
-                msgs.append(self.inbox.get_nowait())
+                raw.append(self.inbox.get_nowait())
             except queue.Empty:
                 break
-        for kind, job in msgs:
+        msgs = []
+        for kind, job in raw:
             if kind == "stop":
-                return False
+                msgs.append(["stop"])
+                break
             if kind == "add" and not job.cancelled:
-                cache, rest, job.cached = self.prompt_cache.fetch(job.req.prompt)
+                job.jid = next(self._jids)
+                self._by_jid[job.jid] = job
+                sampling = dict(job.req.sampling)
+                if self.group and sampling.get("temperature", 0) > 0 and sampling.get("seed") is None:
+                    sampling["seed"] = int(mx.random.randint(0, 2**31 - 1, ()).item())  # one draw, sent to all
+                msgs.append(["add", job.jid, list(job.req.prompt), sampling])
+            elif kind == "cancel" and job.jid is not None:
+                msgs.append(["cancel", job.jid])
+        return broadcast(msgs, self.group) if self.group else msgs
+
+    def _apply(self, msgs: list) -> bool:
+        for msg in msgs:
+            if msg[0] == "stop":
+                return False
+            if msg[0] == "add":
+                _, jid, prompt, sampling = msg
+                job = self._by_jid.get(jid)
+                if job is None:  # a rank other than 0: a stand-in that records what the engine returns
+                    job = self._by_jid[jid] = Job(req=SimpleNamespace(prompt=prompt, sampling=sampling), loop=None,
+                                                  jid=jid)
+                cache, rest, job.cached = self.prompt_cache.fetch(prompt)
                 try:
-                    job.uid = self.engine.insert(rest, cache=cache, return_cache=True, **job.req.sampling)
+                    job.uid = self.engine.insert(rest, cache=cache, return_cache=True, **sampling)
                 except ValueError as e:  # the engine's own checks (the handler's should catch it first)
+                    del self._by_jid[jid]
                     job.emit(APIError(str(e)))
                     continue
                 self.jobs[job.uid] = job
-            elif kind == "cancel" and self.jobs.get(job.uid) is job:
-                self.engine.remove(job.uid)
-                del self.jobs[job.uid]
-                self.stats["cancelled"] += 1
+            elif msg[0] == "cancel":
+                job = self._by_jid.pop(msg[1], None)
+                if job is not None and self.jobs.get(job.uid) is job:
+                    self.engine.remove(job.uid)
+                    del self.jobs[job.uid]
+                    self.stats["cancelled"] += 1
         return True
 
     def _deliver(self, r) -> None:
@@ -143,6 +195,7 @@ class Scheduler:
         cache, r.cache = r.cache, None
         if r.finish_reason is not None:
             del self.jobs[r.uid]
+            self._by_jid.pop(job.jid, None)
             self.stats["completed"] += 1
             if cache:
                 self.prompt_cache.store((job.req.prompt + job.tokens)[:cache[0].offset], cache)
@@ -348,15 +401,20 @@ def main(argv: Optional[list] = None) -> None:
     logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s: %(message)s")
     import uvicorn
 
+    from .distributed import rank_prefix
     from .loader import load
 
+    group = mx.distributed.init()  # one rank unless started by mlx.launch
     model_id = a.model_name or (Path(a.model).stem if a.model else "qwen2.5-coder-0.5b-instruct-q4_k_m")
     scheduler = Scheduler(lambda: load(a.model, dtype=a.dtype, quantized=a.quantized), make_engine(a.max_batch),
-                          PromptCache(max_bytes=a.prompt_cache_bytes, max_entries=a.prompt_cache_size))
+                          PromptCache(max_bytes=a.prompt_cache_bytes, max_entries=a.prompt_cache_size), group=group)
     try:
         scheduler.start()
     except (ValueError, OSError, RuntimeError) as e:
-        sys.exit(runtime_error(e))
+        sys.exit(runtime_error(f"{rank_prefix(group)}{e}"))
+    if scheduler.follower:  # ranks other than 0: no HTTP; run rank 0's turns until it stops
+        scheduler.thread.join()
+        return
     app = create_app(scheduler, model_id=model_id, defaults=defaults, max_body_bytes=a.max_body_bytes)
     if not is_loopback(a.host):
         print(f"warning: listening on {a.host}: anyone who can reach this address can use the model "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,15 +37,20 @@ def free_port() -> int:
 class Server:
     """`python -m qwen_mlx.server` in a subprocess; output goes to a log file (shown on failure)."""
 
-    def __init__(self, model: str, *args: str, log_dir: Path, timeout: float = 300):
+    def __init__(self, model: str, *args: str, log_dir: Path, timeout: float = 300, launch: tuple = ()):
+        """`launch`: a launcher command in front (mlx.launch ... --), its processes in one group."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        if launch:
+            env["OPENBLAS_NUM_THREADS"] = "1"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "qwen_mlx.server", "--model", str(model), "--port",
+        self.proc = subprocess.Popen([*launch, sys.executable, "-m", "qwen_mlx.server", "--model", str(model), "--port",
                                       str(self.port), "--log-level", "warning", *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     start_new_session=bool(launch))
+        self.launched = bool(launch)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -73,6 +79,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if self.launched:  # every rank, whatever the launcher did with the signal
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log.close()
 
 
@@ -475,3 +486,48 @@ def test_real_shared_system_prompt_is_reused(real_server):
     tok = load_tokenizer(Path(real_server.proc.args[4]))
     shared = next(i for i, (x, y) in enumerate(zip(chat_ids(tok, m1), chat_ids(tok, m2))) if x != y)
     assert shared > 100 and r.usage.prompt_tokens_details.cached_tokens == shared
+
+
+# ---- under mlx.launch: rank 0 serves, the ranks run every step together ----
+
+def test_server_under_mlx_launch(tiny_path, tiny_server, tmp_path):
+    """`mlx.launch --backend ring --hosts 127.0.0.1 -n 2 -- python -m qwen_mlx.server`: the model is
+    split over two real processes, rank 0 answers HTTP. Concurrent greedy and seeded requests give
+    the single-process server's text; a stream the client abandons is cancelled on every rank (the
+    next requests still match); stopping the launcher ends both ranks."""
+    from test_distributed import _free_ports, _launcher
+
+    launch = (_launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
+              "--starting-port", str(_free_ports(2)), "--")
+    s = Server(tiny_path, "--max-tokens", str(TINY_MAX_TOKENS), log_dir=tmp_path, timeout=180, launch=launch)
+    try:
+        reqs = [dict(messages=MSGS[0], max_tokens=12), dict(messages=MSGS[1], max_tokens=12, temperature=0.9, seed=7),
+                dict(messages=MSGS[2], max_tokens=10, temperature=0.7, seed=3)]
+
+        def ask(server, kw):
+            return server.client().chat.completions.create(model="any", **kw).choices[0].message.content
+
+        want = [ask(tiny_server, kw) for kw in reqs]
+        with ThreadPoolExecutor(3) as pool:  # concurrent: they share the launched server's batched steps
+            got = list(pool.map(lambda kw: ask(s, kw), reqs))
+        assert got == want
+        stream = s.client().chat.completions.create(model="any", messages=MSGS[3], max_tokens=TINY_MAX_TOKENS,
+                                                    stream=True)
+        next(iter(stream))
+        stream.close()  # the client goes away: rank 0 cancels, and tells the other rank
+        deadline = time.monotonic() + 30
+        while s.health()["cancelled"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert s.health()["cancelled"] == 1
+        assert [ask(s, kw) for kw in reqs[:2]] == want[:2]
+    finally:
+        s.proc.terminate()
+        try:
+            s.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        ended = s.proc.poll() is not None
+        s.close()
+    log = s.log_path.read_text()
+    assert ended, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
