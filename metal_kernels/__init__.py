@@ -73,6 +73,11 @@ def set_table(table: dict, source: str) -> None:
     _table_source = source
 
 
+def table_source() -> str:
+    """Where the current USE came from (shipped defaults, a tuned table's path, ...)."""
+    return _table_source
+
+
 def reset_table() -> None:
     """The shipped defaults of this machine's back end."""
     set_table(SHIPPED.get(gpu_backend() or "", SHIPPED["cuda"]), f"shipped defaults for {gpu_backend() or 'no GPU'}")

@@ -85,7 +85,7 @@ def tune(model, rounds: int = 5, decode_steps: int = 32, context: int = 128, pre
     phases = {"decode": lambda: time_decode(model, decode_steps, context),
               "prefill": lambda: time_prefill(model, prefill)}
     rows = {"decode": 1, "prefill": prefill}
-    mode = K.mode()
+    mode, before = K.mode(), (dict(K.USE), K.table_source())
     K.set_backend("auto")
     try:
         for run in phases.values():  # compile every kernel once before anything is timed
@@ -109,6 +109,7 @@ def tune(model, rounds: int = 5, decode_steps: int = 32, context: int = 128, pre
             table = {op: _rule(w, rows) for op, w in wins.items()}
     finally:
         K.set_backend(mode)
+        K.set_table(*before)  # what was in use before tuning
     evidence = {"single": single, "check": check, "rows": rows, "min_gain": min_gain,
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "settings": {"rounds": rounds, "decode_steps": decode_steps, "context": context, "prefill": prefill}}

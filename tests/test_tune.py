@@ -81,7 +81,9 @@ def test_tune_turns_a_slow_kernel_off_and_a_fast_one_on(fake_gpu, tiny_gguf):
     model, _ = load(tiny_gguf(), dtype="float32")
     fake_gpu.setattr(KK, "add_rms_norm", slowed(R.add_rms_norm))      # the planted slow kernel
     fake_gpu.setattr(R, "swiglu", slowed(KK.swiglu))  # a reference slower than its kernel (the plain one)
+    before = dict(K.USE)
     table, evidence = tune.tune(model, rounds=5, decode_steps=4, context=8, prefill=16, log=lambda s: None)
+    assert K.USE == before  # tuning leaves the table in use as it found it
     assert table["add_rms_norm"] is None, evidence["single"]
     assert table["swiglu"] == (1, None), evidence["single"]
     single = evidence["single"]
