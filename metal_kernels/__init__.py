@@ -32,7 +32,7 @@ from . import kernels, reference
 from ._core import gpu_backend
 
 __all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "set_backend", "mode", "backend", "USE",
-           "SHIPPED", "set_table", "reset_table", "describe", "kernels", "reference"]
+           "SHIPPED", "shipped", "set_table", "reset_table", "describe", "kernels", "reference"]
 
 # When each op runs its kernel: op -> None (never) or (min_rows, max_rows), the kernel running for calls
 # over `rows` token rows (batch x length) with min_rows <= rows < max_rows (max_rows None: no bound).
@@ -49,8 +49,16 @@ SHIPPED = {
     "metal": {"rms_norm": None, "add_rms_norm": (512, None), "rope": None, "qkv_post": (512, None),
               "swiglu": None},
 }
-USE: dict = dict(SHIPPED.get(gpu_backend() or "", SHIPPED["cuda"]))
-_table_source = f"shipped defaults for {gpu_backend() or 'no GPU'}"
+
+
+def shipped() -> dict:
+    """The shipped defaults of this machine's back end (CUDA's where there is no GPU: all off)."""
+    return SHIPPED.get(gpu_backend() or "", SHIPPED["cuda"])
+
+
+_SHIPPED_SOURCE = f"shipped defaults for {gpu_backend() or 'no GPU'}"
+USE: dict = dict(shipped())
+_table_source = _SHIPPED_SOURCE
 
 
 def rule(value):
@@ -80,7 +88,7 @@ def table_source() -> str:
 
 def reset_table() -> None:
     """The shipped defaults of this machine's back end."""
-    set_table(SHIPPED.get(gpu_backend() or "", SHIPPED["cuda"]), f"shipped defaults for {gpu_backend() or 'no GPU'}")
+    set_table(shipped(), _SHIPPED_SOURCE)
 
 
 def describe_rule(value) -> str:

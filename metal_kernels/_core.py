@@ -103,16 +103,15 @@ def full_header(name: str, backend: str) -> str:
     helpers use come first, with the helpers pasted before its address-space macros."""
     header, body = (minify(t) for t in load_source(name))
     common = used_common(body)
-    own = header
     if backend == "metal":
-        return common + own
+        return common + header
     if backend == "cuda":
         compat = compat_header()
         if ADDRESS_SPACE_MARK not in compat:
             raise ValueError(f"msl_compat.h: no '{ADDRESS_SPACE_MARK}' line")
         before, after = compat.split(ADDRESS_SPACE_MARK, 1)
         used = body + common + header
-        return minify(prune(before, used)) + common + minify(after) + own
+        return minify(prune(before, used)) + common + minify(after) + header
     raise ValueError(f"no kernel back end {backend!r} (want 'metal' or 'cuda')")
 
 

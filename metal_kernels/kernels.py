@@ -102,11 +102,11 @@ def rope(x, offset, base, freqs=None, mscale=1.0, **kw):
 
 
 def qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.0, **kw):
-    call = _args_qkv_post(tuple(qkv.shape), qkv.dtype, bias.dtype, n_heads, n_kv_heads)
-    D = call[0][2][1]
+    D = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
     return tuple(_run(
         "qkv_post", [qkv, bias, _freqs(base, freqs, D), _core.pos_array(offset), _core.f32_scalar(mscale)],
-        ("qkv", "bias", "freqs", "pos0", "mscale"), ("q", "k", "v"), call, **kw))
+        ("qkv", "bias", "freqs", "pos0", "mscale"), ("q", "k", "v"),
+        _args_qkv_post(tuple(qkv.shape), qkv.dtype, bias.dtype, n_heads, n_kv_heads), **kw))
 
 
 def swiglu(gate_up, **kw):

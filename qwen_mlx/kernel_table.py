@@ -21,6 +21,7 @@ import mlx.core as mx
 import metal_kernels as K
 
 from .fetch import cache_dir
+from .model import is_quantized
 
 FORMAT = 1
 
@@ -35,11 +36,10 @@ def device_name() -> str:
 def machine_key(model) -> dict:
     """What a table is valid for: device, back end, MLX version, geometry, dtype, quantized or not."""
     a = model.args
-    quantized = any("scales" in m for _, m in model.named_modules())
     return {"device": device_name(), "backend": K._core.gpu_backend() or "cpu", "mlx": mx.__version__,
             "geometry": f"h{a.hidden_size}-l{a.num_hidden_layers}-ffn{a.intermediate_size}"
                         f"-heads{a.num_attention_heads}x{a.num_key_value_heads}-d{a.head_dim}",
-            "dtype": str(model.model.norm.weight.dtype).split(".")[-1], "quantized": quantized}
+            "dtype": str(model.model.norm.weight.dtype).split(".")[-1], "quantized": is_quantized(model)}
 
 
 def table_path(key: dict) -> Path:

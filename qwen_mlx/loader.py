@@ -9,7 +9,7 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .model import Model, ModelArgs
+from .model import Model, ModelArgs, is_quantized  # noqa: F401  (is_quantized: part of loader's API)
 from .quant import dequantize_weights
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -89,10 +89,6 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
 
     apply_kernel_table(model)  # this machine's tuned kernel table for the model, or the shipped defaults
     return model, tokenizer
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any("scales" in m for _, m in model.named_modules())
 
 
 def build_model(config: dict, weights: dict, dtype: mx.Dtype, group=None) -> Model:

@@ -264,6 +264,11 @@ class Model(nn.Module):
         return weights
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of `model` holds quantized weights."""
+    return any("scales" in m for _, m in model.named_modules())
+
+
 def yarn_attention_factor(scaling: dict) -> float:
     """YaRN's attention factor as transformers defines it (`_compute_yarn_parameters`): an explicit
     `attention_factor`, else get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) when both

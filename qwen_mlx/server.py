@@ -40,6 +40,7 @@ from starlette.routing import Route
 from . import _blas  # noqa: F401  (before mlx.core)
 import mlx.core as mx
 from .cli import ArgumentParser, runtime_error
+from .distributed import broadcast, rank_prefix
 from .openai_api import (APIError, LogprobFormatter, ParsedRequest, chunk_body, parse_request, response_body, usage,
                          usage_chunk)
 from .prompt_cache import PromptCache
@@ -111,7 +112,7 @@ class Scheduler:
             self.ready.set()
         while True:
             try:
-                if not self._take_messages(block=not self.engine.has_work()):
+                if not self._apply(self._collect(block=not self.engine.has_work())):
                     return
                 if self.engine.has_work():
                     responses = self.engine.step()
@@ -127,16 +128,10 @@ class Scheduler:
                 self._by_jid.clear()
                 self.engine = self._make_engine(self.model, self.tokenizer)
 
-    def _take_messages(self, block: bool) -> bool:
-        """One loop turn's messages, applied; False at stop."""
-        return self._apply(self._collect(block))
-
     def _collect(self, block: bool) -> list:
         """This turn's messages as plain data: ["add", jid, prompt ids, sampling], ["cancel", jid],
         ["stop"]. Rank 0 takes them from the inbox (and broadcasts them under mlx.launch); the
         other ranks receive rank 0's."""
-        from .distributed import broadcast
-
         if self.follower:
             return broadcast(None, self.group)
         raw = [self.inbox.get()] if block else []
@@ -162,6 +157,7 @@ class Scheduler:
         return broadcast(msgs, self.group) if self.group else msgs
 
     def _apply(self, msgs: list) -> bool:
+        """Apply one turn's messages to the engine and the prompt cache (the same on every rank); False at stop."""
         for msg in msgs:
             if msg[0] == "stop":
                 return False
@@ -401,7 +397,6 @@ def main(argv: Optional[list] = None) -> None:
     logging.basicConfig(level=a.log_level.upper(), format="%(levelname)s: %(message)s")
     import uvicorn
 
-    from .distributed import rank_prefix
     from .loader import load
 
     group = mx.distributed.init()  # one rank unless started by mlx.launch

@@ -23,31 +23,21 @@ import mlx.core as mx
 import metal_kernels as K
 
 from . import kernel_table
+from .generation import generate_step
 from .cli import ArgumentParser, runtime_error
 
 OFF = {op: None for op in K.USE}
 
 
 def time_decode(model, steps: int, context: int, seed: int = 0) -> float:
-    """Seconds per decode step: `steps` greedy steps after a `context`-token prompt, pipelined."""
-    cache = model.make_cache()
-    ids = mx.random.randint(0, model.args.vocab_size, (1, context), key=mx.random.key(seed))
-    y = mx.argmax(model(ids, cache=cache, last_only=True)[:, -1], axis=-1)
-    mx.eval(y)
-
-    def step(tok):
-        return mx.argmax(model(tok[:, None], cache=cache, last_only=True)[:, -1], axis=-1)
-
-    y = step(y)  # one unmeasured step
-    mx.eval(y)
+    """Seconds per decode step: `steps` greedy steps of `generate_step` (one step in flight) after a
+    `context`-token prompt and one unmeasured step."""
+    ids = mx.random.randint(0, model.args.vocab_size, (context,), key=mx.random.key(seed))
+    gen = generate_step(ids, model, max_tokens=steps + 2)
+    next(gen), next(gen)  # the prefill's token and one unmeasured step
     tic = time.perf_counter()
-    nxt = step(y)
-    mx.async_eval(nxt)
-    for _ in range(steps - 1):
-        y, nxt = nxt, step(nxt)
-        mx.async_eval(nxt)
-        y.item()
-    nxt.item()
+    for _ in gen:
+        pass
     return (time.perf_counter() - tic) / steps
 
 

@@ -311,22 +311,18 @@ def real(real_model):
     return real_model
 
 
-def real_prompt_ids(tok, prompt, chat):
-    return tok.apply_chat_template(prompt, add_generation_prompt=True) if chat else tok.encode(prompt, add_special_tokens=False)
-
-
 @pytest.mark.real_model
 def test_real_model_greedy_speculative_equals_plain(real, real_greedy):
     """The default model in float32: prompt lookup over the reference prompts and a code-editing
     prompt, and the model drafting itself, give plain greedy decoding's tokens exactly."""
-    from real_prompts import until_eos
+    from real_prompts import prompt_ids, until_eos
 
     model, tok = real
     edit = [{"role": "user", "content": "Rename `total` to `running_sum` in this function and reply with the whole "
                                         "function in one code block:\n\n```python\n" + EDIT_CODE + "```"}]
     # plain greedy decoding of the reference prompts: the shared generate_step run, as stream_generate stops
     cases = [(ids, until_eos(new[:16], tok.eos_token_ids)) for ids, new in real_greedy]
-    cases.append((real_prompt_ids(tok, edit, True), None))
+    cases.append((prompt_ids(tok, edit, True), None))
     for i, (ids, plain) in enumerate(cases):
         n = 16 if plain is not None else 80
         plain = plain if plain is not None else tokens(model, tok, ids, max_tokens=n)
