@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .model import Model, ModelArgs, is_quantized  # noqa: F401  (is_quantized: part of loader's API)
-from .quant import dequantize_weights
+from .quant import dequantize_weights, promote
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -101,13 +101,18 @@ def build_model(config: dict, weights: dict, dtype: mx.Dtype, group=None) -> Mod
     weights = model.sanitize(dict(weights))
     n = group.size() if group else 1
 
-    def quantized(path, module):  # bits and group size follow from the shapes
-        if (scales := weights.get(f"{path}.scales")) is None:
-            return False
-        d = module.weight.shape[-1] // (n if path.endswith(COLUMN_SHARDED) else 1)  # this rank's inputs
-        return {"group_size": d // scales.shape[-1], "bits": weights[f"{path}.weight"].shape[-1] * 32 // d}
-
-    nn.quantize(model, class_predicate=quantized)
+    formats = {}  # quantized module path -> (bits, group size), which follow from the shapes
+    for path, module in model.named_modules():
+        if (scales := weights.get(f"{path}.scales")) is not None:
+            d = module.weight.shape[-1] // (n if path.endswith(COLUMN_SHARDED) else 1)  # this rank's inputs
+            bits, gs = weights[f"{path}.weight"].shape[-1] * 32 // d, d // scales.shape[-1]
+            if (to := model.args.promotions().get(bits, bits)) != bits:
+                keys = [f"{path}.{k}" for k in ("weight", "scales", "biases")]
+                for k, v in zip(keys, promote(*(weights[k] for k in keys), bits, gs, to, gs)):
+                    weights[k] = v
+            formats[path] = (to, gs)
+    nn.quantize(model, class_predicate=lambda path, _: path in formats and
+                {"bits": formats[path][0], "group_size": formats[path][1]})
     if group:  # before any parameter is evaluated: the full-size initial weights are never built
         model.shard(group)
     weights = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}

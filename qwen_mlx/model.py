@@ -94,10 +94,25 @@ class ModelArgs:
     tie_word_embeddings: bool = True
     model_type: str = "qwen2"
     fuse_qkv: str = field(default_factory=lambda: os.environ.get("QWEN_MLX_FUSE_QKV", "always"))
+    # "B:T[,B:T]": hold every B-bit quantized matrix in T bits instead (exact, `quant.promote`), for a
+    # format MLX's kernels are slow in; "" keeps the formats (default from QWEN_MLX_PROMOTE_BITS).
+    promote_bits: str = field(default_factory=lambda: os.environ.get("QWEN_MLX_PROMOTE_BITS", ""))
 
     def __post_init__(self):
         if self.fuse_qkv not in FUSE_QKV:
             raise ValueError(f"fuse_qkv {self.fuse_qkv!r} (or QWEN_MLX_FUSE_QKV): want one of {', '.join(FUSE_QKV)}")
+        self.promotions()
+
+    def promotions(self) -> dict[int, int]:
+        """promote_bits as {from bits: to bits}."""
+        try:
+            out = {int(a): int(b) for a, b in (x.split(":") for x in self.promote_bits.split(",") if x)}
+        except ValueError:
+            out = None
+        if out is None or any(b not in (2, 3, 4, 5, 6, 8) or b < a for a, b in out.items()):
+            raise ValueError(f"promote_bits {self.promote_bits!r} (or QWEN_MLX_PROMOTE_BITS): want e.g. '5:8' "
+                             "(from bits:to bits, to >= from, bits in 2 3 4 5 6 8)")
+        return out
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":

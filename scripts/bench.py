@@ -11,7 +11,9 @@ converter (`qwen_mlx.convert`, same dtype; dequantized when ours is) and opened 
 `mlx_lm.load`: the same weights. `--random G --quant Q` builds mlx-lm's qwen2 with seeded random
 weights at geometry G in format Q (q4km: the formats a Q4_K_M GGUF gives each matrix, see
 benchlib.q4km_type) and loads the same arrays into qwen_mlx. `--fuse-qkv` adds one qwen_mlx
-model per policy (qwen_mlx.model.ModelArgs.fuse_qkv: fuse q/k/v promoting mixed formats, or not).
+model per policy (qwen_mlx.model.ModelArgs.fuse_qkv: fuse q/k/v promoting mixed formats, or not),
+`--promote-bits` one per setting of ModelArgs.promote_bits (e.g. 5:8: 5-bit matrices held exactly
+in 8 bits); with both, one per pair.
 
 Cases `P:N`: a prompt of P random tokens (or `chat`: a chat-templated request, with --model)
 then N greedy tokens, each library through its own `generate_step`. prefill tok/s = prompt
@@ -49,18 +51,19 @@ from qwen_mlx.generation import generate_step
 CHAT = "Write a Python function that checks whether a number is prime, with a docstring and three tests."
 
 
-def load_ours(path, dtype, quantized, fuse_qkv=None):
-    old = os.environ.get("QWEN_MLX_FUSE_QKV")
-    if fuse_qkv:
-        os.environ["QWEN_MLX_FUSE_QKV"] = fuse_qkv
+def load_ours(path, dtype, quantized, variant=(None, None)):
+    """qwen_mlx.load with a variant (fuse_qkv policy, promote_bits), each None for the default."""
+    env = {k: v for k, v in zip(("QWEN_MLX_FUSE_QKV", "QWEN_MLX_PROMOTE_BITS"), variant) if v is not None}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         return qwen_mlx.load(path, dtype=dtype, quantized=quantized)
     finally:
-        if fuse_qkv:
-            os.environ.pop("QWEN_MLX_FUSE_QKV") if old is None else os.environ.update(QWEN_MLX_FUSE_QKV=old)
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
 
 
-def models_from_file(path, dtype, quantized, policies, tmp):
+def models_from_file(path, dtype, quantized, variants, tmp):
     """{system: model} for a GGUF/model path, the mlx-lm one from our converter's directory; tokenizer."""
     import mlx_lm
 
@@ -69,9 +72,9 @@ def models_from_file(path, dtype, quantized, policies, tmp):
 
     path = path or _default_path()
     models = {}
-    for pol in policies:
-        models[_name(pol)], tok = load_ours(path, dtype, quantized, pol)
-    ours = models[_name(policies[0])]
+    for v in variants:
+        models[_name(v)], tok = load_ours(path, dtype, quantized, v)
+    ours = models[_name(variants[0])]
     dt = str(ours.model.norm.weight.dtype).split(".")[-1]
     if Path(path).is_dir() and is_quantized(ours):
         ref_dir = path
@@ -81,17 +84,18 @@ def models_from_file(path, dtype, quantized, policies, tmp):
     return models, tok
 
 
-def models_from_random(geometry, quant, policies):
-    ours, ref = B.random_pair(geometry, quant, seed=0, fuse_qkv=policies[0])
-    models = {_name(policies[0]): ours}
-    for pol in policies[1:]:
-        models[_name(pol)] = B.ours_from(ref, pol)
+def models_from_random(geometry, quant, variants):
+    ours, ref = B.random_pair(geometry, quant, seed=0, fuse_qkv=variants[0][0], promote_bits=variants[0][1])
+    models = {_name(variants[0]): ours}
+    for v in variants[1:]:
+        models[_name(v)] = B.ours_from(ref, *v)
     models["mlx_lm"] = ref
     return models, None
 
 
-def _name(policy):
-    return "qwen_mlx" if policy is None else f"qwen_mlx fuse_qkv={policy}"
+def _name(variant):
+    fuse, promote = variant
+    return " ".join(["qwen_mlx"] + ([f"fuse_qkv={fuse}"] if fuse else []) + ([f"promote={promote}"] if promote else []))
 
 
 def _default_path():
@@ -174,6 +178,9 @@ def main():
                    help="comma list of prompt:new_tokens; prompt is a length or 'chat'")
     p.add_argument("--fuse-qkv", default=None,
                    help="comma list of qwen_mlx q/k/v fusion policies to compare: always,same-format,never")
+    p.add_argument("--promote-bits", default=None,
+                   help="comma list of qwen_mlx promote_bits settings to compare (ModelArgs.promote_bits), "
+                        "'none' for the formats as stored: none,5:8")
     p.add_argument("--rounds", "--repeats", type=int, default=5, help="measured rounds (default 5)")
     p.add_argument("--bandwidth", action="store_true", help="measure MLX's copy bandwidth; decode as a fraction")
     p.add_argument("--json", default=None, help="write the results (with every round) here")
@@ -183,7 +190,8 @@ def main():
     a = p.parse_args()
     if a.rounds < 1:
         p.error("--rounds must be at least 1")
-    policies = a.fuse_qkv.split(",") if a.fuse_qkv else [None]
+    variants = [(f, None if pb == "none" else pb) for f in (a.fuse_qkv.split(",") if a.fuse_qkv else [None])
+                for pb in (a.promote_bits.split(",") if a.promote_bits else [None])]
     theirs = None
     if a.mlx_lm_blas == "bundled" and a.only is None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -215,10 +223,10 @@ def main():
         for g in a.random.split(","):
             for q in a.quant.split(","):
                 suites.append((f"{g} {q} (random)", B.config(g),
-                               lambda g=g, q=q: models_from_random(g, q, policies)))
+                               lambda g=g, q=q: models_from_random(g, q, variants)))
     else:
         suites.append((f"{Path(a.model).name if a.model else 'default model'}", None,
-                       lambda: models_from_file(a.model, a.dtype, a.quantized, policies, tmp.name)))
+                       lambda: models_from_file(a.model, a.dtype, a.quantized, variants, tmp.name)))
     rows = []
     try:
         for label, cfg, make in suites:

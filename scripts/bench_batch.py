@@ -78,8 +78,10 @@ def bench_model(label, ours, ref, tok, batches, plen, gen, rounds, rng_seed=0):
     for B in batches:
         vocab = min(151000, ours.args.vocab_size)  # ordinary tokens (Qwen's specials start at 151643)
         prompts = mx.random.randint(0, vocab, (B, plen), key=mx.random.key(rng_seed + B)).tolist()
+        tic = time.perf_counter()
         for lib, m in libs.items():  # warm-up: kernels, allocator, compiled shapes
             run(lib, m, tok, prompts, min(gen, 4), B)
+        print(f"  ({label}, B={B}: warm-up {time.perf_counter() - tic:.1f} s)", flush=True)
         res = {lib: [] for lib in libs}
         for r in range(rounds):
             for lib in (libs if r % 2 == 0 else reversed(list(libs))):

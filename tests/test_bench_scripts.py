@@ -71,14 +71,32 @@ def test_bench_runs_on_a_tiny_gguf(tiny_gguf, tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--model", str(path), "--quantized",
                         "--dtype", "float32", "--cases", "chat:4,16:2", "--rounds", "2",
-                        "--fuse-qkv", "always,same-format", "--json", str(out)],
+                        "--fuse-qkv", "always,same-format", "--promote-bits", "none,5:8", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [row["case"] for row in rows] == ["chat:4", "16:2"]
     for row in rows:
-        assert set(row["results"]) == {"qwen_mlx fuse_qkv=always", "qwen_mlx fuse_qkv=same-format", "mlx_lm"}
+        variants = {"qwen_mlx fuse_qkv=always", "qwen_mlx fuse_qkv=same-format",
+                    "qwen_mlx fuse_qkv=always promote=5:8", "qwen_mlx fuse_qkv=same-format promote=5:8"}
+        assert set(row["results"]) == variants | {"mlx_lm"}
         for res in row["results"].values():
             assert len(res["decode"]["rounds"]) == 2
             assert res["decode"]["min"] <= res["decode"]["median"] <= res["decode"]["max"]
-        assert set(row["ratios"]) == {"qwen_mlx fuse_qkv=always", "qwen_mlx fuse_qkv=same-format"}
+        assert set(row["ratios"]) == variants
+
+
+def test_bench_formats_runs(tmp_path):
+    """bench_formats.py at the tiny geometry: a row per matrix and format, times consistent."""
+    out = tmp_path / "f.json"
+    r = subprocess.run([sys.executable, str(SCRIPTS / "bench_formats.py"), "--geometry", "tiny", "--rows", "1",
+                        "--formats", "bf16,5/32,8/32", "--calls", "2", "--rounds", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(x["matrix"], x["format"]) for x in rows} == {
+        (m, f) for m in ("qkv", "o", "gate_up", "down", "head") for f in ("bf16", "5/32", "8/32")}
+    for x in rows:
+        assert 0 < x["min_us"] <= x["us"] <= x["max_us"]
+    q = {(x["matrix"], x["format"]): x["weight_bytes"] for x in rows}
+    assert q[("head", "5/32")] < q[("head", "8/32")] < q[("head", "bf16")]  # the formats really differ

@@ -36,6 +36,9 @@ def loaded(tiny_gguf):
         mp.setenv("QWEN_MLX_FUSE_QKV", "same-format")
         models["same-format, one format"] = qwen_mlx.load(tiny_gguf(qtype="Q8_0", seed=7), dtype="float32",
                                                           quantized=True)[0]
+        mp.setenv("QWEN_MLX_FUSE_QKV", "always")
+        mp.setenv("QWEN_MLX_PROMOTE_BITS", "5:8,4:6")
+        models["promoted"] = qwen_mlx.load(path, dtype="float32", quantized=True)[0]
     finally:
         mp.undo()
     return models
@@ -63,6 +66,25 @@ def test_unfused_equals_fused(loaded):
         steps = [loaded[policy](toks[:, :20], cache=cache)] + [loaded[policy](toks[:, i:i + 1], cache=cache)
                                                                for i in range(20, 23)]
         np.testing.assert_allclose(np.array(mx.concatenate(steps, 1)), ref, atol=1e-4, rtol=0)
+
+
+def test_promoted_formats_compute_the_same(loaded):
+    """promote_bits "5:8,4:6": q/k/o/gate/up (Q5_0) held in 8 bits, down (Q4_K) in 6, exactly: same
+    logits (float32 rounding only, as above)."""
+    layer = loaded["promoted"].layers[0]
+    assert [m.bits for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                             layer.mlp.down_proj)] == [8, 8, 8, 6]
+    base = loaded["always"].layers[0]
+    assert [base.self_attn.o_proj.bits, base.mlp.down_proj.bits] == [5, 4]  # as stored without it
+    toks = mx.array(np.random.default_rng(2).integers(0, 283, (2, 19)))
+    np.testing.assert_allclose(np.array(loaded["promoted"](toks)), np.array(loaded["always"](toks)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("value", ["8:5", "5", "5:7", "x:8"])
+def test_bad_promotion_is_refused(monkeypatch, tiny_gguf, value):
+    monkeypatch.setenv("QWEN_MLX_PROMOTE_BITS", value)
+    with pytest.raises(ValueError, match="QWEN_MLX_PROMOTE_BITS"):
+        qwen_mlx.load(tiny_gguf(**MIXED), dtype="float32")
 
 
 def test_bad_policy_is_refused(monkeypatch, tiny_gguf):
