@@ -14,7 +14,8 @@ What shapes the code:
   environment variable QWEN_MLX_FUSE_QKV) chooses: "always" fuses (promoting),
   "same-format" keeps q/k/v as three projections where their formats differ,
   "never" never fuses them. Unfused, the three outputs are concatenated before
-  `K.qkv_post`, so everything after the projections is the same.
+  `K.qkv_post`, so everything after the projections is the same. `ModelArgs.promote_bits`
+  re-expresses whole formats exactly where MLX's kernels are slow in them (5 -> 8 bits on CUDA).
 - The KV cache is mlx-lm's: `KVCache` (preallocated in steps of 256 positions), or
   `QuantizedKVCache` / `RotatingKVCache` (`make_cache`); attention goes through mlx-lm's
   `scaled_dot_product_attention`, which reads a quantized cache with quantized matmuls, and the
@@ -79,6 +80,17 @@ def _scoped_taps(forward):
 FUSE_QKV = ("always", "same-format", "never")
 
 
+def default_promote_bits() -> str:
+    """QWEN_MLX_PROMOTE_BITS if set; else "5:8" on CUDA, where MLX 0.32.4's 5-bit quantized matmul
+    is 1.4-1.5x slower than its 8-bit one at prefill sizes and no faster at decode (H200,
+    scripts/bench_formats.py, docs/benchmarks.md), so 5-bit matrices (the default model's Q5_0
+    q/k/o/gate/up) are held exactly in 8 bits there; "" (the file's formats) elsewhere, unmeasured."""
+    env = os.environ.get("QWEN_MLX_PROMOTE_BITS")
+    if env is not None:
+        return env
+    return "5:8" if mx.default_device() == mx.gpu and mx.cuda.is_available() else ""
+
+
 @dataclass
 class ModelArgs:
     hidden_size: int
@@ -95,8 +107,8 @@ class ModelArgs:
     model_type: str = "qwen2"
     fuse_qkv: str = field(default_factory=lambda: os.environ.get("QWEN_MLX_FUSE_QKV", "always"))
     # "B:T[,B:T]": hold every B-bit quantized matrix in T bits instead (exact, `quant.promote`), for a
-    # format MLX's kernels are slow in; "" keeps the formats (default from QWEN_MLX_PROMOTE_BITS).
-    promote_bits: str = field(default_factory=lambda: os.environ.get("QWEN_MLX_PROMOTE_BITS", ""))
+    # format MLX's kernels are slow in; "" keeps the formats. Default: see `default_promote_bits`.
+    promote_bits: str = field(default_factory=lambda: default_promote_bits())
 
     def __post_init__(self):
         if self.fuse_qkv not in FUSE_QKV:

@@ -95,7 +95,8 @@ def models_from_random(geometry, quant, variants):
 
 def _name(variant):
     fuse, promote = variant
-    return " ".join(["qwen_mlx"] + ([f"fuse_qkv={fuse}"] if fuse else []) + ([f"promote={promote}"] if promote else []))
+    return " ".join(["qwen_mlx"] + ([f"fuse_qkv={fuse}"] if fuse else []) +
+                    ([f"promote={promote or 'none'}"] if promote is not None else []))
 
 
 def _default_path():
@@ -180,7 +181,7 @@ def main():
                    help="comma list of qwen_mlx q/k/v fusion policies to compare: always,same-format,never")
     p.add_argument("--promote-bits", default=None,
                    help="comma list of qwen_mlx promote_bits settings to compare (ModelArgs.promote_bits), "
-                        "'none' for the formats as stored: none,5:8")
+                        "'none' for the formats as stored (default: ModelArgs' default, 5:8 on CUDA): none,5:8")
     p.add_argument("--rounds", "--repeats", type=int, default=5, help="measured rounds (default 5)")
     p.add_argument("--bandwidth", action="store_true", help="measure MLX's copy bandwidth; decode as a fraction")
     p.add_argument("--json", default=None, help="write the results (with every round) here")
@@ -190,7 +191,7 @@ def main():
     a = p.parse_args()
     if a.rounds < 1:
         p.error("--rounds must be at least 1")
-    variants = [(f, None if pb == "none" else pb) for f in (a.fuse_qkv.split(",") if a.fuse_qkv else [None])
+    variants = [(f, "" if pb == "none" else pb) for f in (a.fuse_qkv.split(",") if a.fuse_qkv else [None])
                 for pb in (a.promote_bits.split(",") if a.promote_bits else [None])]
     theirs = None
     if a.mlx_lm_blas == "bundled" and a.only is None:

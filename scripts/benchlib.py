@@ -112,7 +112,7 @@ def ours_from(ref, fuse_qkv: str | None = None, promote_bits: str | None = None)
     cfg = {k: v for k, v in vars(ref.args).items() if v is not None}
     if fuse_qkv:
         cfg["fuse_qkv"] = fuse_qkv
-    if promote_bits:
+    if promote_bits is not None:
         cfg["promote_bits"] = promote_bits
     return build_model(cfg, dict(tree_flatten(ref.parameters())), ref.model.norm.weight.dtype)
 

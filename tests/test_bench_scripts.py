@@ -77,7 +77,7 @@ def test_bench_runs_on_a_tiny_gguf(tiny_gguf, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [row["case"] for row in rows] == ["chat:4", "16:2"]
     for row in rows:
-        variants = {"qwen_mlx fuse_qkv=always", "qwen_mlx fuse_qkv=same-format",
+        variants = {"qwen_mlx fuse_qkv=always promote=none", "qwen_mlx fuse_qkv=same-format promote=none",
                     "qwen_mlx fuse_qkv=always promote=5:8", "qwen_mlx fuse_qkv=same-format promote=5:8"}
         assert set(row["results"]) == variants | {"mlx_lm"}
         for res in row["results"].values():

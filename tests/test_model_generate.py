@@ -312,7 +312,8 @@ def test_native_quantized_mixed_formats_match_dequantized(tiny_gguf):
 
 
 @pytest.mark.gpu
-def test_native_quantized_on_gpu_memory_and_long_sequence(tmp_path, layers=4, seq=1024, quantized=None, dtype=None):
+def test_native_quantized_on_gpu_memory_and_long_sequence(tmp_path, monkeypatch, layers=4, seq=1024, quantized=None,
+                                                          dtype=None):
     """A Q4_K_M-like mix (Q5_0 matrices, Q8_0 v and output, Q6_K down projections) at the 0.5B
     model's layer geometry, loaded the GPU's default way (quantized, bfloat16): resident weights
     stay close to the file's size (MLX stores Q5_0 at 6 bits/weight against 5.5, Q6_K at 8.25
@@ -321,6 +322,8 @@ def test_native_quantized_on_gpu_memory_and_long_sequence(tmp_path, layers=4, se
     worse than a plain bfloat16 model is: its extra error is Q6_K's re-quantization (~0.3%
     relative RMS, docs/quantization.md), so its relative RMS stays within 1.25x + 5e-3 of plain
     bfloat16's, and its argmax agreement within 5 points.
+    The file's formats are kept (QWEN_MLX_PROMOTE_BITS=""): on CUDA the default holds the 5-bit
+    matrices in 8 bits for speed (ModelArgs.promote_bits), which costs memory by design.
     (The keyword arguments let the test be dry-run on a CPU.)"""
     import gguf
     from mlx.utils import tree_flatten
@@ -331,6 +334,7 @@ def test_native_quantized_on_gpu_memory_and_long_sequence(tmp_path, layers=4, se
                            heads=14, kv_heads=2, context=4096,
                            qtypes={"attn_v": "Q8_0", "output": "Q8_0", "ffn_down": "Q6_K"})
     file_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    monkeypatch.setenv("QWEN_MLX_PROMOTE_BITS", "")
     mq, _ = qwen_mlx.load(path, dtype=dtype, quantized=quantized)  # None, None: the GPU's defaults
     assert is_quantized(mq) and mq.model.norm.weight.dtype == mx.bfloat16
     resident = sum(v.nbytes for _, v in tree_flatten(mq.parameters()))
