@@ -9,7 +9,7 @@ from typing import Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .model import Model, ModelArgs, is_quantized  # noqa: F401  (is_quantized: part of loader's API)
+from .model import Model, ModelArgs, is_quantized, smooth_keys  # noqa: F401  (is_quantized: loader's API)
 from .quant import dequantize_weights, promote
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -116,6 +116,8 @@ def build_model(config: dict, weights: dict, dtype: mx.Dtype, group=None) -> Mod
     if group:  # before any parameter is evaluated: the full-size initial weights are never built
         model.shard(group)
     weights = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+    if model.args.smooth_keys and not group and dtype in (mx.float32, mx.bfloat16):  # exact there (float16:
+        smooth_keys(model, weights)  # scaled-down scales could turn subnormal; sharded: slices differ per rank)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model

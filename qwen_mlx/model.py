@@ -43,6 +43,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
 from mlx_lm.models.rope_utils import YarnRoPE, initialize_rope
@@ -109,6 +110,9 @@ class ModelArgs:
     # "B:T[,B:T]": hold every B-bit quantized matrix in T bits instead (exact, `quant.promote`), for a
     # format MLX's kernels are slow in; "" keeps the formats. Default: see `default_promote_bits`.
     promote_bits: str = field(default_factory=lambda: default_promote_bits())
+    # Scale outlier key channels down and the matching query channels up by powers of two at load
+    # (`smooth_keys`): scores unchanged bit for bit, quantized KV caches far more accurate.
+    smooth_keys: bool = True
 
     def __post_init__(self):
         if self.fuse_qkv not in FUSE_QKV:
@@ -155,6 +159,15 @@ class Attention(nn.Module):
                       "mscale": yarn_attention_factor(args.rope_scaling) if isinstance(rope, YarnRoPE) else 1.0}
         if isinstance(rope, nn.RoPE) and rope.scale != 1.0:
             raise ValueError(f"unsupported rope_scaling {args.rope_scaling} (linear)")
+        self._key_scale = None  # numpy [n_kv_heads, head_dim] powers of two set by `smooth_keys`, or None
+
+    def _tap_qkv(self, name: str, q, k, v):
+        """The q/k/v taps, in the model's own scale (what transformers computes) when keys are smoothed."""
+        if self._key_scale is None:
+            return tap(name + "q", q), tap(name + "k", k), tap(name + "v", v)
+        ks = mx.array(self._key_scale[None, :, None, :], q.dtype)
+        qs = mx.repeat(ks, self.n_heads // self.n_kv_heads, axis=1)
+        return tap(name + "q", q / qs) * qs, tap(name + "k", k * ks) / ks, tap(name + "v", v)
 
     def split_qkv(self) -> None:
         """Three projections q_proj/k_proj/v_proj instead of qkv_proj (see ModelArgs.fuse_qkv)."""
@@ -168,7 +181,8 @@ class Attention(nn.Module):
         qkv = (self.qkv_proj(x) if "qkv_proj" in self
                else mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1))
         q, k, v = K.qkv_post(qkv, self.qkv_bias, self.n_heads, self.n_kv_heads, offset, **self._rope)
-        q, k, v = tap(name + "q", q), tap(name + "k", k), tap(name + "v", v)  # [B, heads, L, head_dim]
+        if _TAP.get() is not None:  # [B, heads, L, head_dim]
+            q, k, v = self._tap_qkv(name, q, k, v)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
             if _TAP.get() is not None and hasattr(cache, "bits"):  # mlx-lm's quantized attention scales q in place
@@ -343,3 +357,38 @@ def _fuse(weights: dict, prefix: str, parts: list[str], fused: str, in_dims: int
     for suffix, arrays in (("weight", ws), ("scales", ss), ("biases", bs)):
         weights[f"{prefix}{fused}.{suffix}"] = mx.concatenate(arrays, axis=0)
     return True
+
+
+def smooth_keys(model: "Model", weights: dict[str, mx.array]) -> None:
+    """Scale each layer's outlier key channels down, and the query channels they meet up, by the
+    same power of two, in `weights` (checkpoint names after `Model.sanitize`, final dtype) in place.
+
+    q.k is unchanged bit for bit: a power of two scales exactly (float32 / bfloat16 exponents,
+    quantized rows through their scales and biases), RoPE rotates channel pairs (i, i + D/2) that
+    share one factor, and each product q_i s * k_i / s is the same number. Only the keys' range
+    shrinks: Qwen2.5's k bias reaches ~150 in a few channels (layers 0-1 of the default model)
+    against ~1 elsewhere, and a quantized KV cache spends each group's steps on that range. A pair
+    whose bias magnitude m exceeds 4 (median |bias| + 1) gets s = 2^round(log2(m / (4 (median + 1)))).
+    On the default model this lifts teacher-forced argmax agreement with the full-precision cache
+    from 98.4% to 100% (8-bit KV, groups of 64) and 79% to 87% (4-bit), tests/test_kv_cache.py."""
+    a = model.args
+    nq, nkv, d = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}.self_attn."
+        if (bias := weights.get(p + "qkv_bias")) is None or bias.shape[0] != (nq + 2 * nkv) * d:
+            continue
+        b = np.array(bias.astype(mx.float32))[nq * d:(nq + nkv) * d].reshape(nkv, d)
+        m = np.maximum(np.abs(b[:, :d // 2]), np.abs(b[:, d // 2:]))
+        e = np.round(np.log2(np.maximum(1.0, m / (4 * (np.median(np.abs(b)) + 1.0)))))
+        if not e.any():
+            continue
+        ks = np.concatenate([2.0 ** -e] * 2, axis=1).astype(np.float32)  # [nkv, d]: k rows times this
+        qs = np.repeat(1 / ks, nq // nkv, axis=0)  # q rows of each kv head's queries: times 1/this
+        rows = {"q_proj": qs.reshape(-1), "k_proj": ks.reshape(-1)}
+        rows["qkv_proj"] = np.concatenate([rows["q_proj"], rows["k_proj"], np.ones(nkv * d, np.float32)])
+        weights[p + "qkv_bias"] = bias * mx.array(rows["qkv_proj"], bias.dtype)
+        for proj, f in rows.items():
+            for part in ("scales", "biases") if p + proj + ".scales" in weights else ("weight",):
+                if (w := weights.get(f"{p}{proj}.{part}")) is not None:
+                    weights[f"{p}{proj}.{part}"] = w * mx.array(f[:, None], w.dtype)
+        layer.self_attn._key_scale = 1 / ks

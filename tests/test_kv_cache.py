@@ -268,8 +268,10 @@ def test_real_model_quantized_kv_teacher_forced_agreement(real, real_sequences):
     """As generation with `kv_bits=8, quantized_kv_start=0` runs (the prompt prefilled, the cache
     quantized, then every new token's K/V quantized before it is attended to), teacher-forced on
     the full-precision cache's greedy continuations: the argmax agrees with the full-precision
-    argmax at >= 99% of the continuation positions with 8 bits in groups of 32 (measured 280/282;
-    groups of 64: 278/282 = 98.6%, and 4 bits 216/282, are reported, not asserted). Quantizing
+    argmax at >= 99% of the continuation positions with 8 bits in groups of 32 and of 64 (measured
+    282/282 for both with key smoothing, `qwen_mlx.model.smooth_keys`; without it 280/282 and
+    278/282); 4 bits in groups of 64 is reported, not asserted (248/282 = 87.9%; without smoothing
+    216/282). Quantizing
     from the very first token (prompt included) is harsher on this model, whose layer-0 keys reach
     ~145 in a few dimensions (docs/architecture.md), so one group's quantization step is large for
     all its other dimensions; that case is not timed here (quantized attention over whole prompts
@@ -290,7 +292,7 @@ def test_real_model_quantized_kv_teacher_forced_agreement(real, real_sequences):
             stats[bits, group] = stats.get((bits, group), 0) + int((got == full).sum())
     print(f"teacher-forced argmax agreement with the full-precision cache over {total} positions: "
           + ", ".join(f"{b}-bit group {g} {stats[b, g] / total:.2%}" for b, g in ((8, 32), (8, 64), (4, 64))))
-    assert stats[8, 32] / total >= 0.99, stats
+    assert stats[8, 32] / total >= 0.99 and stats[8, 64] / total >= 0.99, stats
 
 
 @pytest.mark.real_model
