@@ -136,6 +136,8 @@ def shard_model(model: nn.Module, group: Optional["mx.distributed.Group"] = None
         a.qkv_proj = shard_linear(a.qkv_proj, "all-to-sharded", segments=qkv, group=group)
         a.o_proj = shard_linear(a.o_proj, "sharded-to-all", group=group)
         a.n_heads, a.n_kv_heads = a.n_heads // n, a.n_kv_heads // n
+        if a._key_scale is not None:  # key smoothing's factors (for the taps): this rank's kv heads
+            a._key_scale = a._key_scale[group.rank() * a.n_kv_heads:(group.rank() + 1) * a.n_kv_heads]
         m.gate_up_proj = shard_linear(m.gate_up_proj, "all-to-sharded", segments=2, group=group)
         m.down_proj = shard_linear(m.down_proj, "sharded-to-all", group=group)
     return model

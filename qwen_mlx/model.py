@@ -16,6 +16,8 @@ What shapes the code:
   "never" never fuses them. Unfused, the three outputs are concatenated before
   `K.qkv_post`, so everything after the projections is the same. `ModelArgs.promote_bits`
   re-expresses whole formats exactly where MLX's kernels are slow in them (5 -> 8 bits on CUDA).
+- `smooth_keys` (run by the loader) moves outlier key channels' magnitude into the queries by
+  powers of two: scores bit-identical, quantized KV caches far more accurate.
 - The KV cache is mlx-lm's: `KVCache` (preallocated in steps of 256 positions), or
   `QuantizedKVCache` / `RotatingKVCache` (`make_cache`); attention goes through mlx-lm's
   `scaled_dot_product_attention`, which reads a quantized cache with quantized matmuls, and the

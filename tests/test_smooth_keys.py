@@ -105,3 +105,28 @@ def test_quantized_cache_is_closer_to_full_precision_with_smoothing(bits):
     err = [np.sqrt(np.mean((run(m, toks, kv) - full) ** 2)) for m in (smooth, plain)]
     print(f"{bits}-bit KV, RMS logit error: smoothed {err[0]:.2e}, plain {err[1]:.2e}")
     assert err[0] * 4 < err[1], err
+
+
+class _Group:  # what shard_model asks of a group while splitting (size, rank); no collective runs here
+    def __init__(self, rank: int):
+        self._rank = rank
+
+    def size(self) -> int:
+        return 2
+
+    def rank(self) -> int:
+        return self._rank
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sharding_a_smoothed_model_keeps_its_kv_heads_factors(rank):
+    """`model.shard()` after loading: each rank keeps the smoothing factors of its own kv heads (the
+    taps unscale with them); loading with `shard` skips smoothing altogether."""
+    from qwen_mlx.distributed import shard_model
+
+    model = build_model(dict(CFG, smooth_keys=True), outlier_weights(False), mx.float32)
+    full = [layer.self_attn._key_scale.copy() for layer in model.layers]
+    shard_model(model, _Group(rank))
+    for layer, f in zip(model.layers, full):
+        assert layer.self_attn.n_kv_heads == 1
+        np.testing.assert_array_equal(layer.self_attn._key_scale, f[rank:rank + 1])
