@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .model import Model, ModelArgs, is_quantized, smooth_keys  # noqa: F401  (is_quantized: loader's API)
-from .quant import dequantize_weights, promote
+from .quant import affine_format, dequantize_weights, promote
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -102,11 +102,12 @@ def build_model(config: dict, weights: dict, dtype: mx.Dtype, group=None) -> Mod
     n = group.size() if group else 1
 
     formats = {}  # quantized module path -> (bits, group size), which follow from the shapes
+    promotions = model.args.promotions()
     for path, module in model.named_modules():
         if (scales := weights.get(f"{path}.scales")) is not None:
             d = module.weight.shape[-1] // (n if path.endswith(COLUMN_SHARDED) else 1)  # this rank's inputs
-            bits, gs = weights[f"{path}.weight"].shape[-1] * 32 // d, d // scales.shape[-1]
-            if (to := model.args.promotions().get(bits, bits)) != bits:
+            bits, gs = affine_format(weights[f"{path}.weight"], scales, d)
+            if (to := promotions.get(bits, bits)) != bits:
                 keys = [f"{path}.{k}" for k in ("weight", "scales", "biases")]
                 for k, v in zip(keys, promote(*(weights[k] for k in keys), bits, gs, to, gs)):
                     weights[k] = v

@@ -52,7 +52,7 @@ from mlx_lm.models.rope_utils import YarnRoPE, initialize_rope
 
 import metal_kernels as K
 
-from .quant import promote
+from .quant import affine_format, promote
 
 # The `tap_hook` of the Model whose forward pass is running (None: no hook), set by `_scoped_taps`.
 _TAP = contextvars.ContextVar("qwen_mlx_tap", default=None)
@@ -111,7 +111,7 @@ class ModelArgs:
     fuse_qkv: str = field(default_factory=lambda: os.environ.get("QWEN_MLX_FUSE_QKV", "always"))
     # "B:T[,B:T]": hold every B-bit quantized matrix in T bits instead (exact, `quant.promote`), for a
     # format MLX's kernels are slow in; "" keeps the formats. Default: see `default_promote_bits`.
-    promote_bits: str = field(default_factory=lambda: default_promote_bits())
+    promote_bits: str = field(default_factory=default_promote_bits)
     # Scale outlier key channels down and the matching query channels up by powers of two at load
     # (`smooth_keys`): scores unchanged bit for bit, quantized KV caches far more accurate.
     smooth_keys: bool = True
@@ -343,8 +343,7 @@ def _fuse(weights: dict, prefix: str, parts: list[str], fused: str, in_dims: int
         return False
     quantized = f"{prefix}{parts[0]}.scales" in weights
     if quantized:
-        fmts = [(weights[f"{prefix}{n}.weight"].shape[-1] * 32 // in_dims,
-                 in_dims // weights[f"{prefix}{n}.scales"].shape[-1]) for n in parts]
+        fmts = [affine_format(weights[f"{prefix}{n}.weight"], weights[f"{prefix}{n}.scales"], in_dims) for n in parts]
         if policy == "same-format" and len(set(fmts)) > 1:
             return False
     ws = [weights.pop(f"{prefix}{n}.weight") for n in parts]

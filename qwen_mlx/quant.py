@@ -112,6 +112,11 @@ def unpack(w: np.ndarray, bits: int) -> np.ndarray:
         np.uint8).reshape(rows, -1)
 
 
+def affine_format(weight: mx.array, scales: mx.array, in_dims: int) -> tuple[int, int]:
+    """(bits, group size) of an MLX-quantized matrix with `in_dims` inputs, from its packed shapes."""
+    return weight.shape[-1] * 32 // in_dims, in_dims // scales.shape[-1]
+
+
 def promote(weight: mx.array, scales: mx.array, biases: mx.array, bits: int, group: int, to_bits: int,
             to_group: int) -> tuple[mx.array, mx.array, mx.array]:
     """The same MLX affine-quantized matrix with more bits and/or smaller groups, exactly (every
