@@ -7,6 +7,7 @@
     # offset: an int, a 1-element array, or a [B] array (one start position per row; reference only)
     q, k, v = K.qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.0)
     K.swiglu(gate_up)                           # silu(gate) * up
+    K.quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None)  # attention over a quantized KV cache
 
 Each op is a Metal kernel body (metal_kernels/<op>.metal) run by `mx.fast.metal_kernel` on
 Apple GPUs and, through msl_compat.h, by `mx.fast.cuda_kernel` on NVIDIA GPUs; elsewhere
@@ -31,7 +32,7 @@ import mlx.core as mx
 from . import kernels, reference
 from ._core import gpu_backend
 
-__all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "set_backend", "mode", "backend", "USE",
+__all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "quant_sdpa", "runs_quant_sdpa", "set_backend", "mode", "backend", "USE",
            "SHIPPED", "shipped", "set_table", "reset_table", "describe", "kernels", "reference"]
 
 # When each op runs its kernel: op -> None (never) or (min_rows, max_rows), the kernel running for calls
@@ -178,3 +179,31 @@ def qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.
 
 def swiglu(gate_up):
     return (kernels if _use("swiglu", gate_up, _rows(gate_up)) else reference).swiglu(gate_up)
+
+
+# Attention over a quantized KV cache is not a table entry: on CUDA it must run here (MLX 0.32.4's CUDA
+# back end has no quantized matmul for mlx-lm's quantized attention), the kernel at decode and the
+# dequantizing reference otherwise; on Metal mlx-lm's path (MLX's quantized matmuls) runs unless
+# set_backend('kernels') forces the kernel; on the CPU mlx-lm's path runs.
+def runs_quant_sdpa() -> bool:
+    """Whether attention over a quantized KV cache goes through `quant_sdpa` (else mlx-lm's
+    quantized_scaled_dot_product_attention)."""
+    if mx.default_device() != mx.gpu:
+        return False
+    g = gpu_backend()
+    return g == "cuda" or (g == "metal" and _mode == "kernels")
+
+
+def quant_sdpa_fits(q, keys, bits, mask) -> bool:
+    """Whether the quant_sdpa kernel takes this call: one query position, no mask, 2/4/8-bit, head
+    dim a multiple of 32, at most 8 query heads per KV head."""
+    hq, hkv, d = q.shape[1], keys[0].shape[1], q.shape[-1]
+    return (q.shape[2] == 1 and mask is None and bits in (2, 4, 8) and d % 32 == 0 and hq % hkv == 0
+            and hq // hkv <= 8)
+
+
+def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None):
+    b = backend()
+    kernel = b == "cuda" or (b == "metal" and _mode == "kernels")
+    impl = kernels if kernel and q.size and quant_sdpa_fits(q, keys, bits, mask) else reference
+    return impl.quant_sdpa(q, keys, values, n, scale, bits, group_size, mask)

@@ -144,18 +144,19 @@ def available() -> bool:
 
 
 def run(name: str, inputs: list, outputs: list, template: list, grid: int, threadgroup: int) -> list:
-    """inputs: [(name, array)]; arrays are np.float32/float16/int32, or ("bf16", uint16 array) for bfloat16.
+    """inputs: [(name, array)]; arrays are np.float32/float16/int32/uint32, or ("bf16", uint16 array) for bfloat16.
     outputs: [(name, shape, 'float32'|'float16'|'bfloat16')]; returns the output arrays (bf16 as uint16),
     each poisoned with NaN before the run. template: [(name, 'float32'|... or int)]."""
     if not available():
         raise RuntimeError("metal_kernels.cpu_emulator needs a C++20 compiler with <barrier> (g++ >= 11, clang++)")
     body = minify(load_source(name)[1])  # as the GPU back ends get it
-    ct = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t", "int32": "int32_t"}
-    np_of = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int32": np.int32}
+    ct = {"float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t", "int32": "int32_t", "uint32": "uint32_t"}
+    np_of = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "int32": np.int32,
+             "uint32": np.uint32}
     ins = []
     for n, a in inputs:
         kind = a[0] if isinstance(a, tuple) else {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
-                                                   np.dtype(np.int32): "int32"}[a.dtype]
+                                                   np.dtype(np.int32): "int32", np.dtype(np.uint32): "uint32"}[a.dtype]
         arr = np.ascontiguousarray(a[1] if isinstance(a, tuple) else a)
         ins.append((n, kind, arr))
     params = []

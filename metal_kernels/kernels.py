@@ -78,6 +78,31 @@ def _args_swiglu(shape, dtype):
             [(*shape[:-1], I)], [dtype])
 
 
+def quant_sdpa_chunk(cap: int) -> int:
+    """Cache positions per threadgroup of quant_sdpa for a cache buffer of `cap` positions: at most
+    256 chunks (the merge reads them all), at least 32 positions (8 per SIMD-group)."""
+    ch = 32
+    while ch < 256 and -(-cap // ch) > 256:
+        ch *= 2
+    return ch
+
+
+@lru_cache(maxsize=512)
+def _args_quant_sdpa(q_shape, dtype, kv_shape, bits, group_size):
+    B, HQ, L, D = q_shape
+    _, HKV, CAP, _ = kv_shape
+    ch = quant_sdpa_chunk(CAP)
+    nc = -(-CAP // ch)
+    return ([("T", dtype), ("D", D), ("NREP", HQ // HKV), ("BITS", bits), ("GS", group_size), ("CH", ch)],
+            (B * HKV * nc * 128, 1, 1), (128, 1, 1), [(B, HQ, nc, D), (B, HQ, nc), (B, HQ, nc)],
+            [mx.float32] * 3)
+
+
+@lru_cache(maxsize=8)
+def _valid(n: int) -> mx.array:
+    return mx.array([n], dtype=mx.int32)
+
+
 # The norms and swiglu take any leading dimensions (the bodies multiply them out): no reshapes.
 def rms_norm(x, weight, eps, **kw):
     (y,) = _run("rms_norm", [x, _as(weight, x.dtype), _core.f32_scalar(eps)], ("x", "w", "eps"), ("y",),
@@ -114,7 +139,7 @@ def swiglu(gate_up, **kw):
     return out
 
 
-_DT = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16", mx.int32: "int32"}
+_DT = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16", mx.int32: "int32", mx.uint32: "uint32"}
 
 
 def _emulate(name, inputs, input_names, output_names, template, grid, threadgroup, out_shapes, out_dtypes):
@@ -130,3 +155,19 @@ def _emulate(name, inputs, input_names, output_names, template, grid, threadgrou
         [(n, tuple(s), _DT[d]) for n, s, d in zip(output_names, out_shapes, out_dtypes)],
         [(n, _DT[v] if isinstance(v, mx.Dtype) else v) for n, v in template], grid[0], threadgroup[0])
     return [mx.array(o).view(mx.bfloat16) if d == mx.bfloat16 else mx.array(o) for o, d in zip(outs, out_dtypes)]
+
+
+def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, **kw):
+    """Decode attention (q [B, HQ, 1, D]) over the first `n` positions of a quantized cache's buffers
+    (`keys`, `values`: mlx-lm QuantizedKVCache's (packed, scales, biases), [B, HKV, CAP, ...]): the
+    kernel's per-chunk partial sums, merged here. `mask` must be None (one query row sees all n)."""
+    if mask is not None or q.shape[2] != 1:
+        raise ValueError("the quant_sdpa kernel takes one query position and no mask")
+    o, m, l = _run("quant_sdpa", [q, keys[0], _as(keys[1], q.dtype), _as(keys[2], q.dtype), values[0],
+                                  _as(values[1], q.dtype), _as(values[2], q.dtype), _valid(int(n)),
+                                  _core.f32_scalar(float(scale))],
+                   ("q", "kw", "ks", "kb", "vw", "vs", "vb", "n", "scale"), ("o", "m", "l"),
+                   _args_quant_sdpa(tuple(q.shape), q.dtype, tuple(keys[0].shape), bits, group_size), **kw)
+    w = mx.exp(m - m.max(axis=-1, keepdims=True))
+    out = (o * w[..., None]).sum(axis=2, keepdims=True) / (l * w).sum(axis=-1)[..., None, None]
+    return out.astype(q.dtype)

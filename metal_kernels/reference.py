@@ -57,3 +57,14 @@ def swiglu(gate_up: mx.array) -> mx.array:
     Compiled, so on a GPU it is one fused elementwise kernel (as mlx-lm's compiled swiglu).
     """
     return _swiglu(gate_up)
+
+
+def quant_sdpa(q: mx.array, keys: tuple, values: tuple, n: int, scale: float, bits: int, group_size: int,
+               mask=None) -> mx.array:
+    """Attention of q [B, HQ, L, D] over the first `n` positions of a quantized KV cache's buffers
+    (`keys`, `values`: mlx-lm QuantizedKVCache's (packed, scales, biases), [B, HKV, CAP, ...]):
+    dequantized to q's dtype, then `mx.fast.scaled_dot_product_attention` (which takes the grouped
+    heads and `mask` as mlx-lm passes it: None, "causal" or an array)."""
+    k, v = (mx.dequantize(*(a[..., :n, :] for a in t), group_size=group_size, bits=bits).astype(q.dtype)
+            for t in (keys, values))
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

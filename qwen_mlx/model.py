@@ -22,6 +22,8 @@ What shapes the code:
   `QuantizedKVCache` / `RotatingKVCache` (`make_cache`); attention goes through mlx-lm's
   `scaled_dot_product_attention`, which reads a quantized cache with quantized matmuls, and the
   mask comes from the cache (a rotating window needs a windowed mask). See `qwen_mlx.kv_cache`.
+  On CUDA, where MLX has no quantized matmul for those shapes, a quantized cache is read by
+  `K.quant_sdpa` instead (a kernel over the packed cache at decode, dequantize + SDPA otherwise).
 - The hot elementwise work goes through `metal_kernels` (`K.*`): fused
   add+RMSNorm, bias+RoPE+head-split after the q/k/v matmul, SwiGLU. Each op
   has a hand-written Metal kernel, used on a GPU only where it measured faster
@@ -189,7 +191,11 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
             if _TAP.get() is not None and hasattr(cache, "bits"):  # mlx-lm's quantized attention scales q in place
                 q = mx.array(q)
-        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        if hasattr(cache, "bits") and K.runs_quant_sdpa():  # quantized KV on CUDA: MLX has no quantized
+            o = K.quant_sdpa(q, cache.keys, cache.values, cache.offset, self.scale,  # matmul for mlx-lm's path
+                             cache.bits, cache.group_size, mask)
+        else:
+            o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         o = tap(name + "attn_out", o.transpose(0, 2, 1, 3).reshape(B, L, -1))
         return tap(name + "o_proj", self.o_proj(o))
 

@@ -1,0 +1,200 @@
+"""metal_kernels' quant_sdpa: decode attention over a quantized KV cache (mlx-lm's QuantizedKVCache).
+
+The exact answer is float64 numpy over the cache dequantized in float64 from its packed integers,
+scales and biases (the values the kernel computes with). Fresh seeded inputs each run (the seed is
+printed). Tolerances: the kernel works in float32 and rounds once, at the output, to the input dtype:
+|error| <= 2^-p * max|out| + 2e-6 (p = 22 for float32 with room for float32 accumulation over the
+positions, 8 for bfloat16: half an ulp of rounding plus float32 noise). The reference (dequantize to
+the input dtype, then mx.fast.scaled_dot_product_attention) also rounds K, V and, on the CPU, the
+scores to bfloat16: a score error of 2^-8 |s| moves the softmax weights by that factor, so its
+bfloat16 bound adds 2 * 2^-8 * max|s| * max|v|.
+
+CPU: the reference against mlx-lm's quantized attention and float64; the kernel body through
+metal_kernels.cpu_emulator; the Metal source MLX would compile. GPU (@pytest.mark.gpu): the kernel
+on the device, and the default model decoding with an 8-bit cache on the GPU.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import QuantizedKVCache
+
+import metal_kernels as K
+from metal_kernels import _core, cpu_emulator
+from metal_kernels import kernels as KK
+from metal_kernels import reference as R
+
+from test_kernels import CUDA_NAMES, metal_source  # noqa: E402  (tests/ is on sys.path)
+
+
+def rng():
+    seed = int.from_bytes(os.urandom(4), "little")
+    print("seed", seed)
+    return np.random.default_rng(seed)
+
+
+def np_dequant(packed, scales, biases, bits, group_size):
+    """float64 values of an MLX affine-quantized array [..., D*bits/32] (low bits first)."""
+    per = 32 // bits
+    w = np.array(packed).astype(np.uint64)
+    q = np.stack([(w >> (bits * i)) & ((1 << bits) - 1) for i in range(per)], axis=-1)
+    q = q.reshape(*w.shape[:-1], -1).astype(np.float64)
+    f = lambda a: np.repeat(np.array(a.astype(mx.float32)).astype(np.float64), group_size, axis=-1)
+    return q * f(scales) + f(biases)
+
+
+def make_case(g, dtype, B, HKV, NREP, D, bits, gs, n):
+    """A QuantizedKVCache holding n random positions, a decode query, and the float64 answer."""
+    cache = QuantizedKVCache(group_size=gs, bits=bits)
+    kv = [mx.array(s * g.standard_normal((B, HKV, n, D)), dtype) for s in (3.0, 1.0)]
+    cache.update_and_fetch(*kv)
+    q = mx.array(g.standard_normal((B, HKV * NREP, 1, D)), dtype)
+    scale = D ** -0.5
+    k, v = (np_dequant(*(a[..., :n, :] for a in t), bits, gs) for t in (cache.keys, cache.values))
+    qq = np.array(q.astype(mx.float32)).astype(np.float64).reshape(B, HKV, NREP, 1, D)
+    s = np.einsum("bhrld,bhnd->bhrln", qq, k) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    exact = np.einsum("bhrln,bhnd->bhrld", p / p.sum(-1, keepdims=True), v).reshape(B, HKV * NREP, 1, D).view(Exact)
+    exact.score_bound = 2 * 2.0 ** -8 * np.abs(s).max() * np.abs(v).max()  # see the module docstring
+    return q, cache, scale, exact
+
+
+class Exact(np.ndarray):
+    pass
+
+
+def check(out, exact, dtype, p_bits, what, extra=0.0):
+    got = np.array(out.astype(mx.float32)).astype(np.float64)
+    assert out.dtype == dtype and got.shape == exact.shape, what
+    err, tol = np.abs(got - exact).max(), 2.0 ** -p_bits * np.abs(exact).max() + 2e-6 + extra
+    assert np.isfinite(got).all() and err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
+
+
+CASES = [  # B, HKV, NREP, D, bits, group, n: one chunk; several with empty chunks; 2-bit; GQA 7 and 8
+    (1, 2, 7, 64, 4, 32, 37),
+    (2, 1, 3, 128, 8, 64, 300),
+    (1, 2, 8, 128, 2, 64, 5),
+    (1, 1, 1, 32, 4, 32, 1),
+]
+P = {mx.float32: 22, mx.bfloat16: 8}
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+def test_reference_matches_float64_and_mlx_lm(dtype):
+    g = rng()
+    for B, HKV, NREP, D, bits, gs, n in CASES:
+        q, cache, scale, exact = make_case(g, dtype, B, HKV, NREP, D, bits, gs, n)
+        ref = R.quant_sdpa(q, cache.keys, cache.values, cache.offset, scale, bits, gs)
+        check(ref, exact, dtype, P[dtype], f"reference {dtype} {bits}-bit n={n}",
+              extra=0.0 if dtype == mx.float32 else exact.score_bound)
+        k, v = (tuple(a[..., :n, :] for a in t) for t in (cache.keys, cache.values))
+        theirs = scaled_dot_product_attention(q + 0, k, v, cache=cache, scale=scale, mask=None)  # scales q in place
+        if dtype == mx.float32:
+            assert np.abs(np.array(theirs) - np.array(ref)).max() <= 1e-5 * np.abs(exact).max()
+
+
+def test_reference_takes_a_causal_prefill_chunk():
+    """L > 1 with mlx-lm's "causal" mask (what a quantized cache gets while prefilling on CUDA)."""
+    g = rng()
+    cache = QuantizedKVCache(group_size=64, bits=8)
+    cache.update_and_fetch(*(mx.array(g.standard_normal((1, 2, 40, 64)), mx.float32) for _ in range(2)))
+    q = mx.array(g.standard_normal((1, 4, 6, 64)), mx.float32)
+    ref = R.quant_sdpa(q, cache.keys, cache.values, 40, 0.125, 8, 64, mask="causal")
+    k, v = (tuple(a[..., :40, :] for a in t) for t in (cache.keys, cache.values))
+    theirs = scaled_dot_product_attention(q + 0, k, v, cache=cache, scale=0.125, mask="causal")
+    assert np.abs(np.array(theirs) - np.array(ref)).max() <= 1e-5
+
+
+def test_body_is_metal_and_in_no_table():
+    text = _core.metal_file("quant_sdpa").read_text()
+    found = sorted(set(m.group(0) for m in CUDA_NAMES.finditer(text)))
+    assert not found, f"quant_sdpa.metal uses CUDA names {found}"
+    assert _core.load_source("quant_sdpa")[0].startswith("// quant_sdpa")
+    assert "quant_sdpa" not in K.USE  # not a speed choice: see metal_kernels.runs_quant_sdpa
+
+
+def test_dispatch_on_this_machine():
+    q = mx.zeros((1, 14, 1, 64))
+    keys = (mx.zeros((1, 2, 256, 8), mx.uint32), mx.zeros((1, 2, 256, 2)), mx.zeros((1, 2, 256, 2)))
+    assert K.quant_sdpa_fits(q, keys, 4, None)
+    assert not K.quant_sdpa_fits(q, keys, 6, None) and not K.quant_sdpa_fits(q, keys, 4, "causal")
+    assert not K.quant_sdpa_fits(mx.zeros((1, 14, 2, 64)), keys, 4, None)
+    assert not K.quant_sdpa_fits(mx.zeros((1, 18, 1, 64)), keys, 4, None)  # 9 query heads per KV head
+    if mx.default_device() == mx.cpu:
+        assert not K.runs_quant_sdpa()  # mlx-lm's quantized attention runs on the CPU
+    elif _core.gpu_backend() == "cuda":
+        assert K.runs_quant_sdpa()
+
+
+def test_chunking():
+    assert [KK.quant_sdpa_chunk(c) for c in (256, 8192, 8448, 32768, 65536, 131072)] == [32, 32, 64, 128, 256, 256]
+
+
+@pytest.mark.skipif(not cpu_emulator.available(), reason="no C++20 compiler for metal_kernels.cpu_emulator")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+def test_emulated_kernel_matches_float64(dtype):
+    g = rng()
+    for B, HKV, NREP, D, bits, gs, n in CASES:
+        q, cache, scale, exact = make_case(g, dtype, B, HKV, NREP, D, bits, gs, n)
+        out = KK.quant_sdpa(q, cache.keys, cache.values, cache.offset, scale, bits, gs, backend="cpu-emulator")
+        check(out, exact, dtype, P[dtype], f"emulated kernel {dtype} {bits}-bit n={n}")
+
+
+@pytest.mark.skipif(mx.cuda.is_available(), reason="MLX's CUDA build runs metal_kernel as CUDA")
+def test_metal_source(capfd, tmp_path):
+    g = np.random.default_rng(0)
+    q, cache, scale, _ = make_case(g, mx.float16, 1, 2, 7, 64, 4, 64, 20)
+    call = lambda q: KK.quant_sdpa(q, cache.keys, cache.values, 20, scale, 4, 64, backend="metal",
+                                   stream=mx.gpu, verbose=True)
+    src = metal_source(capfd, tmp_path, call, q)
+    assert "[[kernel]] void custom_kernel_qwen_quant_sdpa_" in src
+    assert "template <typename T, int D, int NREP, int BITS, int GS, int CH>" in src
+    for a in ("q", "kw", "ks", "kb", "vw", "vs", "vb", "n", "scale"):
+        assert f"* {a} [[buffer(" in src, a
+    assert "const constant int* kw_shape" in src or "kw_shape [[buffer(" in src
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+def test_gpu_kernel_matches_float64(dtype):
+    old, KK.POISON = KK.POISON, True  # an output element the kernel does not write stays NaN
+    try:
+        g = rng()
+        for B, HKV, NREP, D, bits, gs, n in CASES + [(1, 4, 7, 128, 4, 64, 9000), (1, 4, 7, 128, 8, 64, 33000)]:
+            q, cache, scale, exact = make_case(g, dtype, B, HKV, NREP, D, bits, gs, n)
+            out = KK.quant_sdpa(q, cache.keys, cache.values, cache.offset, scale, bits, gs)
+            check(out, exact, dtype, P[dtype], f"GPU kernel {dtype} {bits}-bit n={n}")
+            assert K.runs_quant_sdpa() == (_core.gpu_backend() == "cuda")
+    finally:
+        KK.POISON = old
+
+
+@pytest.mark.gpu
+@pytest.mark.real_model
+def test_gpu_default_model_decodes_with_a_quantized_cache(default_model):
+    """The default model as users get it on a GPU (bfloat16, native quantized weights), the prompts
+    of test_real_model teacher-forced one token per step (decode, so the kernel runs on CUDA) on an
+    8-bit cache (groups of 64, quantized from the first token) and on the full bfloat16 cache: the
+    argmax agrees at >= 99% of the steps (the CPU float32 test: 282/282)."""
+    import qwen_mlx
+    from qwen_mlx.kv_cache import cache_options, maybe_quantize, new_cache
+    from real_prompts import N_NEW, PROMPTS, prompt_ids
+
+    model, tok = qwen_mlx.load(default_model)
+    agree = total = 0
+    for prompt, chat in PROMPTS:
+        ids = prompt_ids(tok, prompt, chat)
+        kv = cache_options(kv_bits=8, kv_group_size=64, quantized_kv_start=0)
+        full, quant = new_cache(model), new_cache(model, kv)
+        a, b = model(mx.array([ids]), cache=full), model(mx.array([ids]), cache=quant)
+        maybe_quantize(quant, kv)
+        for _ in range(N_NEW // 2):
+            ta, tb = int(mx.argmax(a[0, -1])), int(mx.argmax(b[0, -1]))
+            agree, total = agree + (ta == tb), total + 1
+            a, b = model(mx.array([[ta]]), cache=full), model(mx.array([[ta]]), cache=quant)
+    print(f"GPU 8-bit KV decode: {agree}/{total} argmax matches with the bfloat16 cache")
+    assert agree / total >= 0.99, f"{agree}/{total}"
