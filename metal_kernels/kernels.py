@@ -80,9 +80,10 @@ def _args_swiglu(shape, dtype):
 
 def quant_sdpa_chunk(cap: int) -> int:
     """Cache positions per threadgroup of quant_sdpa for a cache buffer of `cap` positions: at most
-    256 chunks (the merge reads them all), at least 32 positions (8 per SIMD-group)."""
+    512 chunks where possible (the merge reads them all), 32 to 256 positions (2 to 16 blocks of 4
+    per SIMD-group)."""
     ch = 32
-    while ch < 256 and -(-cap // ch) > 256:
+    while ch < 256 and -(-cap // ch) > 512:
         ch *= 2
     return ch
 

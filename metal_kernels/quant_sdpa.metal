@@ -5,8 +5,10 @@
 // at decode (mlx-lm's quantized_scaled_dot_product_attention), and dequantizing the whole cache
 // every step writes and reads it again in full precision. This body reads the packed cache once.
 // Layout: one threadgroup of 128 threads (4 SIMD-groups) per (batch row, KV head, chunk); grid =
-// (B * HKV * NC * 128, 1, 1), NC = ceil(CAP / CH). SIMD-group s takes positions c*CH + s, + 4, ...
-// below n; lane j holds elements j*E .. j*E+E-1 (E = D / 32) of each key and value, dequantized
+// (B * HKV * NC * 128, 1, 1), NC = ceil(CAP / CH). SIMD-group s takes blocks of U = 4 consecutive
+// positions (c*CH + 4s, then + 16, ...) below n: the 4 positions' loads and score reductions are
+// independent, so their latencies overlap (one position at a time ran at half bf16's speed on an
+// H200). Lane j holds elements j*E .. j*E+E-1 (E = D / 32) of each key and value, dequantized
 // as scale * q + bias (MLX's affine format, low bits first), and of the NREP query heads that
 // share the KV head (mlx-lm's grouping: heads h*NREP .. h*NREP+NREP-1). Scores are simd_sums of
 // float32 products; an online softmax (running max m, sum l) keeps one accumulator per head.
@@ -17,7 +19,7 @@
 //          weights), m, l [B, HKV*NREP, NC] (float32); an empty chunk has m = -3e38, l = 0, o = 0.
 //          metal_kernels.kernels.quant_sdpa merges the chunks (max, rescale, sum, divide).
 // Template: T, D (head dim, a multiple of 32), NREP (<= 8), BITS (2, 4 or 8), GS (group size),
-//          CH (positions per threadgroup). CAP and HKV come from kw's shape, so a growing cache
+//          CH (positions per threadgroup, a multiple of 16). CAP and HKV come from kw's shape, so a growing cache
 //          does not recompile.
 // ---- body ----
 constexpr int E = D / 32;
@@ -25,6 +27,7 @@ constexpr int PER = 32 / BITS;
 constexpr int WPR = D / PER;
 constexpr int GPR = D / GS;
 constexpr int SG = 4;
+constexpr int U = 4;
 constexpr uint MASK = (1u << BITS) - 1u;
 const int HKV = kw_shape[1];
 const int CAP = kw_shape[2];
@@ -54,33 +57,64 @@ for (int r = 0; r < NREP; r++) {
 
 const int start = c * CH;
 const int stop = start + CH < valid ? start + CH : valid;
-for (int t = start + sg; t < stop; t += SG) {
-  const size_t row = size_t(bh) * size_t(CAP) + size_t(t);
-  const size_t g = row * GPR + size_t(e0 / GS);
-  const float ksc = static_cast<float>(ks[g]);
-  const float kbi = static_cast<float>(kb[g]);
-  const float vsc = static_cast<float>(vs[g]);
-  const float vbi = static_cast<float>(vb[g]);
-  float kv[E];
-  float vv[E];
-  for (int j = 0; j < E; j++) {
-    const int e = e0 + j;
-    const uint sh = uint((e % PER) * BITS);
-    kv[j] = ksc * static_cast<float>((kw[row * WPR + e / PER] >> sh) & MASK) + kbi;
-    vv[j] = vsc * static_cast<float>((vw[row * WPR + e / PER] >> sh) & MASK) + vbi;
+for (int t0 = start + sg * U; t0 < stop; t0 += SG * U) {
+  float kv[U][E];
+  float vv[U][E];
+  for (int u = 0; u < U; u++) {
+    for (int j = 0; j < E; j++) {
+      kv[u][j] = 0.0f;
+      vv[u][j] = 0.0f;
+    }
+    if (t0 + u < stop) {
+      const size_t row = size_t(bh) * size_t(CAP) + size_t(t0 + u);
+      const size_t g = row * GPR + size_t(e0 / GS);
+      const float ksc = static_cast<float>(ks[g]);
+      const float kbi = static_cast<float>(kb[g]);
+      const float vsc = static_cast<float>(vs[g]);
+      const float vbi = static_cast<float>(vb[g]);
+      for (int j = 0; j < E; j++) {
+        const int e = e0 + j;
+        const uint sh = uint((e % PER) * BITS);
+        kv[u][j] = ksc * static_cast<float>((kw[row * WPR + e / PER] >> sh) & MASK) + kbi;
+        vv[u][j] = vsc * static_cast<float>((vw[row * WPR + e / PER] >> sh) & MASK) + vbi;
+      }
+    }
+  }
+  float s[U][NREP];
+  for (int u = 0; u < U; u++) {
+    for (int r = 0; r < NREP; r++) {
+      float d = 0.0f;
+      for (int j = 0; j < E; j++) {
+        d += qr[r][j] * kv[u][j];
+      }
+      s[u][r] = d;
+    }
+  }
+  for (int u = 0; u < U; u++) {
+    for (int r = 0; r < NREP; r++) {
+      s[u][r] = simd_sum(s[u][r]);
+    }
   }
   for (int r = 0; r < NREP; r++) {
-    float s = 0.0f;
-    for (int j = 0; j < E; j++) {
-      s += qr[r][j] * kv[j];
+    float mn = mx_[r];
+    for (int u = 0; u < U; u++) {
+      if (t0 + u < stop && s[u][r] > mn) {
+        mn = s[u][r];
+      }
     }
-    s = simd_sum(s);
-    const float mn = s > mx_[r] ? s : mx_[r];
     const float f = metal::exp(mx_[r] - mn);
-    const float p = metal::exp(s - mn);
-    sum_[r] = sum_[r] * f + p;
+    sum_[r] *= f;
     for (int j = 0; j < E; j++) {
-      acc[r][j] = acc[r][j] * f + p * vv[j];
+      acc[r][j] *= f;
+    }
+    for (int u = 0; u < U; u++) {
+      if (t0 + u < stop) {
+        const float p = metal::exp(s[u][r] - mn);
+        sum_[r] += p;
+        for (int j = 0; j < E; j++) {
+          acc[r][j] += p * vv[u][j];
+        }
+      }
     }
     mx_[r] = mn;
   }
