@@ -11,6 +11,9 @@ that prefill (above what was allocated before it) are recorded. Then rounds alte
 (setting, library): `--gen` tokens are decoded from the prefilled cache, timed from the first
 token to the last, and the cache is trimmed back, so every round decodes at the same context.
 Medians over `--rounds` rounds with the min-max spread; ratios are against mlx-lm and the full-precision KV.
+Last, `build ms`: the host time of building (not running) one decode step's graph at that context,
+median of 20: what bounds decode where the host is slower than the device (a quantized cache adds
+operations per layer: mx.quantize and six slice updates to store a token, and the attention's own).
 """
 
 from __future__ import annotations
@@ -59,6 +62,24 @@ def decode_tps(step, cache, last: int, n: int) -> float:
     return tps
 
 
+def build_ms(lib, model, cache, last: int, reps: int = 20) -> float:
+    """Host milliseconds to build (not run) one decode step's graph on this cache: the part of a step
+    that grows with the number of operations, and that bounds decode when the host is slower than the
+    device. Each built step is evaluated and trimmed off again, so the cache keeps its length."""
+    y = mx.array([[last]], mx.uint32)
+    times = []
+    for _ in range(reps):
+        tic = time.perf_counter()
+        logits = model(y, cache=cache)
+        times.append(time.perf_counter() - tic)
+        try:
+            mx.eval(logits, [c.state for c in cache])
+        finally:
+            for c in cache:
+                c.trim(1)
+    return 1e3 * statistics.median(times)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--geometry", default="7B", choices=list(GEOMETRIES))
@@ -104,9 +125,12 @@ def main():
         for key, c in cases.items():
             if c is not None:
                 c["tps"].append(decode_tps(c["step"], c["cache"], c["last"], a.gen))
+    for (s, lib), c in cases.items():
+        if c is not None:
+            c["build_ms"] = build_ms(lib, models[lib], c["cache"], c["last"])
     rows = []
     print(f"\n{'KV':5} {'library':9} | {'KV MB':>8} {'vs full':>7} | {'prefill peak GB':>15} | "
-          f"{'decode tok/s median [min-max]':>30} | {'vs full':>7} | {'vs mlx-lm':>9}")
+          f"{'decode tok/s median [min-max]':>30} | {'vs full':>7} | {'build ms':>8} | {'vs mlx-lm':>9}")
     for (s, lib), c in cases.items():
         if c is None:
             rows.append(dict(kv=s, library=lib, error=errors[s, lib]))
@@ -116,13 +140,14 @@ def main():
         bf = cases.get(("full", lib))
         other = cases[s, "mlx_lm"]
         row = dict(kv=s, library=lib, kv_gb=c["kv_bytes"] / 1e9, prefill_peak_gb=c["peak"] / 1e9,
-                   decode_tps=c["tps"], decode_median=med,
+                   decode_tps=c["tps"], decode_median=med, build_ms=c["build_ms"],
                    kv_vs_full=c["kv_bytes"] / bf["kv_bytes"] if bf else None,
                    decode_vs_full=med / statistics.median(bf["tps"]) if bf else None,
                    decode_vs_mlx_lm=med / statistics.median(other["tps"]) if other else None)
         rows.append(row)
         print(f"{s:5} {lib:9} | {row['kv_gb'] * 1e3:8.2f} {row['kv_vs_full'] or 0:6.1%} | {row['prefill_peak_gb']:15.2f} | "
               f"{med:10.1f} [{min(c['tps']):7.1f}-{max(c['tps']):7.1f}]   | {row['decode_vs_full'] or 0:6.2f}x | "
+              f"{c['build_ms']:8.2f} | "
               + (f"{row['decode_vs_mlx_lm']:8.2f}x" if other else "  (mlx-lm fails)"))
     if a.json:
         Path(a.json).write_text(json.dumps(dict(device=str(mx.default_device()), mlx=mx.__version__, args=vars(a),

@@ -1,4 +1,4 @@
-"""The benchmark scripts: their Q4_K_M-like layout is the real file's, and bench.py runs end to end.
+"""The benchmark scripts: their Q4_K_M-like layout is the real file's; bench.py, bench_formats.py and bench_kv.py run.
 
 (Speed itself lives in the scripts, never in tests: this only checks that they measure the
 right thing and run.)
@@ -100,3 +100,19 @@ def test_bench_formats_runs(tmp_path):
         assert 0 < x["min_us"] <= x["us"] <= x["max_us"]
     q = {(x["matrix"], x["format"]): x["weight_bytes"] for x in rows}
     assert q[("head", "5/32")] < q[("head", "8/32")] < q[("head", "bf16")]  # the formats really differ
+
+
+def test_bench_kv_runs(tmp_path):
+    """bench_kv.py at the tiny geometry: a row per (KV setting, library) with its rounds, its cache
+    really smaller when quantized, and the host build time per step."""
+    out = tmp_path / "kv.json"
+    r = subprocess.run([sys.executable, str(SCRIPTS / "bench_kv.py"), "--geometry", "tiny", "--weights", "f32",
+                        "--kv-group-size", "32", "--context", "64", "--gen", "2", "--rounds", "2",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = {(x["kv"], x["library"]): x for x in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(s, lib) for s in ("full", "8bit", "4bit") for lib in ("qwen_mlx", "mlx_lm")}
+    for x in rows.values():
+        assert "error" not in x, x  # quantized attention runs on the CPU
+        assert len(x["decode_tps"]) == 2 and x["build_ms"] > 0
+    assert rows["4bit", "qwen_mlx"]["kv_gb"] < rows["8bit", "qwen_mlx"]["kv_gb"] < rows["full", "qwen_mlx"]["kv_gb"]

@@ -31,10 +31,8 @@ def ours(real_model):
     return real_model
 
 
-@pytest.fixture(scope="module")
-def references(hf):
-    """For each prompt: (prompt ids, transformers' 48 greedy tokens, its logits at every position)."""
-    model, tok = hf
+def transformers_references(model, tok, with_logits: bool = True) -> list:
+    """For each prompt: (prompt ids, transformers' 48 greedy tokens, its logits at every position or None)."""
     refs = []
     for prompt, chat in PROMPTS:
         ids = (tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -44,9 +42,52 @@ def references(hf):
             out = model.generate(torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
             seq = out[0].tolist()
-            logits = model(torch.tensor([seq])).logits[0].float().numpy()
+            logits = model(torch.tensor([seq])).logits[0].float().numpy() if with_logits else None
         refs.append((ids, seq[len(ids):], logits))
     return refs
+
+
+@pytest.fixture(scope="module")
+def references(hf):
+    """For each prompt: (prompt ids, transformers' 48 greedy tokens, its logits at every position)."""
+    return transformers_references(*hf)
+
+
+def write_reference_tokens(path) -> None:
+    """`python tests/test_real_model.py OUT.json`: transformers' prompt ids and greedy tokens for the
+    default model, with the model file's sha256 and the versions that made them. The device machine's
+    CPU runs transformers' generation very slowly (over 6 minutes for these 288 tokens on an H200
+    host, 2026-12-02), so the GPU test can read them from such a file (QWEN_MLX_HF_REFERENCE)."""
+    import hashlib
+    import json
+
+    from qwen_mlx.fetch import default_model_path
+    from qwen_mlx.parity import load_transformers
+
+    p = Path(default_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    refs = transformers_references(load_transformers(str(p)), tok, with_logits=False)
+    doc = dict(model_sha256=hashlib.sha256(p.read_bytes()).hexdigest(), transformers=transformers.__version__,
+               torch=torch.__version__, n_new=N_NEW, prompts=[dict(ids=i, new=n) for i, n, _ in refs])
+    Path(path).write_text(json.dumps(doc))
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(default_model, request):
+    """(prompt ids, transformers' greedy tokens) per prompt: from the file QWEN_MLX_HF_REFERENCE names
+    (written by `write_reference_tokens` for this very model file), else computed live."""
+    import hashlib
+    import json
+    import os
+
+    path = os.environ.get("QWEN_MLX_HF_REFERENCE")
+    if not path:
+        return [(ids, new) for ids, new, _ in request.getfixturevalue("references")]
+    doc = json.loads(Path(path).read_text())
+    assert doc["model_sha256"] == hashlib.sha256(Path(default_model).read_bytes()).hexdigest(), \
+        f"{path} was made from another model file"
+    assert doc["n_new"] == N_NEW and len(doc["prompts"]) == len(PROMPTS)
+    return [(d["ids"], d["new"]) for d in doc["prompts"]]
 
 
 def test_long_prompt_is_long(references):
@@ -133,7 +174,7 @@ def test_native_quantized_matches_float32_path(default_model, ours, references):
 
 
 @pytest.mark.gpu
-def test_gpu_bfloat16_native_quantized_teacher_forced_argmax(default_model, references):
+def test_gpu_bfloat16_native_quantized_teacher_forced_argmax(default_model, reference_tokens):
     """On a GPU, the default as users get it (bfloat16, GGUF weights kept quantized) against the
     float32 transformers reference, teacher-forced over all 6 prompts x 48 tokens (288
     positions): argmax agrees at >= 99% (an H200 gave 287 of 288 on 2026-12-01). bfloat16 keeps
@@ -144,9 +185,15 @@ def test_gpu_bfloat16_native_quantized_teacher_forced_argmax(default_model, refe
     model, _ = qwen_mlx.load(default_model)  # the defaults on a GPU: bfloat16, quantized
     assert is_quantized(model) and model.model.norm.weight.dtype == mx.bfloat16
     agree = total = 0
-    for ids, new, _ in references:
+    for ids, new in reference_tokens:
         logits = model(mx.array([ids + new]))[0, len(ids) - 1:-1]
         agree += int((np.array(mx.argmax(logits, -1)) == np.array(new)).sum())
         total += len(new)
     print(f"GPU bfloat16 native quantized: {agree}/{total} teacher-forced argmax matches")
     assert agree / total >= 0.99, f"{agree}/{total}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_reference_tokens(sys.argv[1])
