@@ -31,7 +31,7 @@ def resolve_dtype(dtype: Union[None, str, mx.Dtype]) -> mx.Dtype:
 
 
 def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] = None,
-         quantized: Optional[bool] = None, shard=None):
+         quantized: Optional[bool] = None, shard=None, kernel_table: bool = True):
     """Load a Qwen2 model and its tokenizer.
 
     path: a `.gguf` file, or a directory written by `python -m qwen_mlx.convert`
@@ -44,8 +44,10 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
     shard: tensor parallelism (docs/distributed.md). None: split the model over the ranks of
     `mlx.launch`'s group when there is more than one, each rank reading only its own slices;
     False: load the whole model; True or an `mx.distributed.Group`: split over that group.
-    The kernels (`metal_kernels.USE`) are set for this model on this machine: the table
-    `python -m qwen_mlx.tune` wrote, else the back end's shipped defaults (`qwen_mlx.kernel_table`).
+    kernel_table: set the kernels (`metal_kernels.USE`, process-wide) for this model on this machine:
+    the table `python -m qwen_mlx.tune` wrote, else the back end's shipped defaults
+    (`qwen_mlx.kernel_table`). False leaves them as they are (a draft model loaded beside its
+    target keeps the target's table: `speculative.load_draft`).
     Returns (model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper
     around a transformers tokenizer (encode / decode / apply_chat_template), built
     the same way for both sources (`qwen_mlx.tokenizer.load_tokenizer`).
@@ -85,9 +87,10 @@ def load(path: Union[str, Path, None] = None, dtype: Union[None, str, mx.Dtype] 
     model = build_model(config, weights, dtype, group)
     if group:
         dist.sync_seed(group)
-    from .kernel_table import apply as apply_kernel_table
+    if kernel_table:
+        from .kernel_table import apply as apply_kernel_table
 
-    apply_kernel_table(model)  # this machine's tuned kernel table for the model, or the shipped defaults
+        apply_kernel_table(model)  # this machine's tuned kernel table for the model, or the shipped defaults
     return model, tokenizer
 
 

@@ -83,10 +83,11 @@ def check_draft(model, tokenizer, draft_model, draft_tokenizer=None) -> None:
 
 
 def load_draft(path: Union[str, Path], model, tokenizer, dtype=None, quantized=None):
-    """Load a draft model (a GGUF file or a converted directory) and check it against the target."""
+    """Load a draft model (a GGUF file or a converted directory) and check it against the target.
+    The kernel table (process-wide) stays the target's."""
     from .loader import load
 
-    draft, draft_tokenizer = load(path, dtype=dtype, quantized=quantized)
+    draft, draft_tokenizer = load(path, dtype=dtype, quantized=quantized, kernel_table=False)
     check_draft(model, tokenizer, draft, draft_tokenizer)
     return draft
 

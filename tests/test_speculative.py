@@ -332,3 +332,21 @@ def test_real_model_greedy_speculative_equals_plain(real, real_greedy):
             assert rs[-1].generation_tokens / rs[-1].spec_forwards > 2.5, rs[-1]
         if i in (1, len(cases) - 1):  # a chat answer and the edit
             assert tokens(model, tok, ids, max_tokens=n, draft_model=model, num_draft_tokens=3) == plain, f"prompt {i}"
+
+
+def test_loading_a_draft_keeps_the_targets_kernel_table(pair, tiny_gguf):
+    """The kernel table is process-wide: `load` sets it for the model it loads, `load_draft` leaves
+    the target's in place (before, a draft's load replaced it with the draft's or the defaults)."""
+    import metal_kernels as K
+
+    target, tok, _ = pair
+    table = {op: (3, None) for op in K.USE}  # a table no machine ships
+    K.set_table(table, "the target's tuned table")
+    try:
+        load_draft(tiny_gguf(seed=1), target, tok)
+        assert K.table_source() == "the target's tuned table"
+        assert all(K.USE[op] == (3, None) for op in K.USE)
+        qwen_mlx.load(tiny_gguf(seed=1), dtype="float32")  # a plain load does set this model's table
+        assert K.table_source() != "the target's tuned table"
+    finally:
+        K.reset_table()
