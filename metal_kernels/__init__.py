@@ -203,7 +203,6 @@ def quant_sdpa_fits(q, keys, bits, mask) -> bool:
 
 
 def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None):
-    b = backend()
-    kernel = b == "cuda" or (b == "metal" and _mode == "kernels")
+    kernel = _mode != "reference" and runs_quant_sdpa()
     impl = kernels if kernel and q.size and quant_sdpa_fits(q, keys, bits, mask) else reference
     return impl.quant_sdpa(q, keys, values, n, scale, bits, group_size, mask)

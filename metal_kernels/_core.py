@@ -157,7 +157,11 @@ def base_freqs(base: float, dims: int) -> mx.array:
     return mx.array(float(base) ** (np.arange(0, dims, 2, dtype=np.float64) / dims), dtype=mx.float32)
 
 
-_last_pos: list = [None, None]  # one-entry cache: every layer of a step asks for the same offset
+@lru_cache(maxsize=8)
+def i32_scalar(value: int) -> mx.array:
+    """An int32 array of shape (1,), made once per value: every layer of a step asks for the same
+    offset (rope, qkv_post) and cache length (quant_sdpa)."""
+    return mx.array([value], dtype=mx.int32)
 
 
 def pos_array(offset) -> mx.array:
@@ -166,7 +170,4 @@ def pos_array(offset) -> mx.array:
         if offset.dtype != mx.int32:
             offset = offset.astype(mx.int32)
         return offset.reshape(1)
-    offset = int(offset)
-    if _last_pos[0] != offset:
-        _last_pos[0], _last_pos[1] = offset, mx.array([offset], dtype=mx.int32)
-    return _last_pos[1]
+    return i32_scalar(int(offset))

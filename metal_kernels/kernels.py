@@ -99,11 +99,6 @@ def _args_quant_sdpa(q_shape, dtype, kv_shape, bits, group_size):
             [mx.float32] * 3)
 
 
-@lru_cache(maxsize=8)
-def _valid(n: int) -> mx.array:
-    return mx.array([n], dtype=mx.int32)
-
-
 # The norms and swiglu take any leading dimensions (the bodies multiply them out): no reshapes.
 def rms_norm(x, weight, eps, **kw):
     (y,) = _run("rms_norm", [x, _as(weight, x.dtype), _core.f32_scalar(eps)], ("x", "w", "eps"), ("y",),
@@ -165,7 +160,7 @@ def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, **kw):
     if mask is not None or q.shape[2] != 1:
         raise ValueError("the quant_sdpa kernel takes one query position and no mask")
     o, m, l = _run("quant_sdpa", [q, keys[0], _as(keys[1], q.dtype), _as(keys[2], q.dtype), values[0],
-                                  _as(values[1], q.dtype), _as(values[2], q.dtype), _valid(int(n)),
+                                  _as(values[1], q.dtype), _as(values[2], q.dtype), _core.i32_scalar(int(n)),
                                   _core.f32_scalar(float(scale))],
                    ("q", "kw", "ks", "kb", "vw", "vs", "vb", "n", "scale"), ("o", "m", "l"),
                    _args_quant_sdpa(tuple(q.shape), q.dtype, tuple(keys[0].shape), bits, group_size), **kw)

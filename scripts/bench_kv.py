@@ -62,7 +62,7 @@ def decode_tps(step, cache, last: int, n: int) -> float:
     return tps
 
 
-def build_ms(lib, model, cache, last: int, reps: int = 20) -> float:
+def build_ms(model, cache, last: int, reps: int = 20) -> float:
     """Host milliseconds to build (not run) one decode step's graph on this cache: the part of a step
     that grows with the number of operations, and that bounds decode when the host is slower than the
     device. Each built step is evaluated and trimmed off again, so the cache keeps its length."""
@@ -127,7 +127,7 @@ def main():
                 c["tps"].append(decode_tps(c["step"], c["cache"], c["last"], a.gen))
     for (s, lib), c in cases.items():
         if c is not None:
-            c["build_ms"] = build_ms(lib, models[lib], c["cache"], c["last"])
+            c["build_ms"] = build_ms(models[lib], c["cache"], c["last"])
     rows = []
     print(f"\n{'KV':5} {'library':9} | {'KV MB':>8} {'vs full':>7} | {'prefill peak GB':>15} | "
           f"{'decode tok/s median [min-max]':>30} | {'vs full':>7} | {'build ms':>8} | {'vs mlx-lm':>9}")

@@ -20,10 +20,24 @@ transformers = pytest.importorskip("transformers")
 
 from real_prompts import N_NEW, PROMPTS, until_eos  # noqa: E402  (shared with the KV-cache and speculative tests)
 
+def hf_tokenizer(path):
+    p = Path(path)
+    return transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 @pytest.fixture(scope="module")
 def hf(default_model, hf_model):
-    p = Path(default_model)
-    return hf_model, transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    return hf_model, hf_tokenizer(default_model)
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +72,14 @@ def write_reference_tokens(path) -> None:
     default model, with the model file's sha256 and the versions that made them. The device machine's
     CPU runs transformers' generation very slowly (over 6 minutes for these 288 tokens on an H200
     host, 2026-12-02), so the GPU test can read them from such a file (QWEN_MLX_HF_REFERENCE)."""
-    import hashlib
     import json
 
     from qwen_mlx.fetch import default_model_path
     from qwen_mlx.parity import load_transformers
 
-    p = Path(default_model_path())
-    tok = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    refs = transformers_references(load_transformers(str(p)), tok, with_logits=False)
-    doc = dict(model_sha256=hashlib.sha256(p.read_bytes()).hexdigest(), transformers=transformers.__version__,
+    p = default_model_path()
+    refs = transformers_references(load_transformers(str(p)), hf_tokenizer(p), with_logits=False)
+    doc = dict(model_sha256=file_sha256(p), transformers=transformers.__version__,
                torch=torch.__version__, n_new=N_NEW, prompts=[dict(ids=i, new=n) for i, n, _ in refs])
     Path(path).write_text(json.dumps(doc))
 
@@ -76,7 +88,6 @@ def write_reference_tokens(path) -> None:
 def reference_tokens(default_model, request):
     """(prompt ids, transformers' greedy tokens) per prompt: from the file QWEN_MLX_HF_REFERENCE names
     (written by `write_reference_tokens` for this very model file), else computed live."""
-    import hashlib
     import json
     import os
 
@@ -84,7 +95,7 @@ def reference_tokens(default_model, request):
     if not path:
         return [(ids, new) for ids, new, _ in request.getfixturevalue("references")]
     doc = json.loads(Path(path).read_text())
-    assert doc["model_sha256"] == hashlib.sha256(Path(default_model).read_bytes()).hexdigest(), \
+    assert doc["model_sha256"] == file_sha256(default_model), \
         f"{path} was made from another model file"
     assert doc["n_new"] == N_NEW and len(doc["prompts"]) == len(PROMPTS)
     return [(d["ids"], d["new"]) for d in doc["prompts"]]
