@@ -7,7 +7,7 @@
     # offset: an int, a 1-element array, or a [B] array (one start position per row; reference only)
     q, k, v = K.qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.0)
     K.swiglu(gate_up)                           # silu(gate) * up
-    K.quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None)  # attention over a quantized KV cache
+    K.quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, tail=None)  # attention over a quantized KV cache
 
 Each op is a Metal kernel body (metal_kernels/<op>.metal) run by `mx.fast.metal_kernel` on
 Apple GPUs and, through msl_compat.h, by `mx.fast.cuda_kernel` on NVIDIA GPUs; elsewhere
@@ -196,13 +196,13 @@ def runs_quant_sdpa() -> bool:
 
 def quant_sdpa_fits(q, keys, bits, mask) -> bool:
     """Whether the quant_sdpa kernel takes this call: one query position, no mask, 2/4/8-bit, head
-    dim a multiple of 32, at most 8 query heads per KV head."""
+    dim 32, 64 or 128 (every Qwen2.5), at most 8 query heads per KV head."""
     hq, hkv, d = q.shape[1], keys[0].shape[1], q.shape[-1]
-    return (q.shape[2] == 1 and mask is None and bits in (2, 4, 8) and d % 32 == 0 and hq % hkv == 0
+    return (q.shape[2] == 1 and mask is None and bits in (2, 4, 8) and d in (32, 64, 128) and hq % hkv == 0
             and hq // hkv <= 8)
 
 
-def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None):
+def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, tail=None):
     kernel = _mode != "reference" and runs_quant_sdpa()
     impl = kernels if kernel and q.size and quant_sdpa_fits(q, keys, bits, mask) else reference
-    return impl.quant_sdpa(q, keys, values, n, scale, bits, group_size, mask)
+    return impl.quant_sdpa(q, keys, values, n, scale, bits, group_size, mask, tail)

@@ -79,6 +79,15 @@ inline float simd_sum(float v) {
   g_group->simd[sg]->arrive_and_wait();
   return s;
 }
+inline float simd_max(float v) {
+  uint sg = g_tid / 32;
+  g_group->slots[g_tid] = v;
+  g_group->simd[sg]->arrive_and_wait();
+  float s = g_group->slots[sg * 32];
+  for (uint i = 1; i < 32; i++) s = g_group->slots[sg * 32 + i] > s ? g_group->slots[sg * 32 + i] : s;
+  g_group->simd[sg]->arrive_and_wait();
+  return s;
+}
 #define METAL_FUNC inline
 #define THREADGROUP_PTR
 """

@@ -78,25 +78,23 @@ def _args_swiglu(shape, dtype):
             [(*shape[:-1], I)], [dtype])
 
 
-def quant_sdpa_chunk(cap: int) -> int:
-    """Cache positions per threadgroup of quant_sdpa for a cache buffer of `cap` positions: at most
-    512 chunks where possible (the merge reads them all), 32 to 256 positions (2 to 16 blocks of 4
-    per SIMD-group)."""
-    ch = 32
-    while ch < 256 and -(-cap // ch) > 512:
-        ch *= 2
-    return ch
+QSDPA_CHUNK = 128  # cache positions per threadgroup of quant_sdpa (one per thread in its first phase)
 
 
 @lru_cache(maxsize=512)
 def _args_quant_sdpa(q_shape, dtype, kv_shape, bits, group_size):
     B, HQ, L, D = q_shape
     _, HKV, CAP, _ = kv_shape
-    ch = quant_sdpa_chunk(CAP)
-    nc = -(-CAP // ch)
-    return ([("T", dtype), ("D", D), ("NREP", HQ // HKV), ("BITS", bits), ("GS", group_size), ("CH", ch)],
-            (B * HKV * nc * 128, 1, 1), (128, 1, 1), [(B, HQ, nc, D), (B, HQ, nc), (B, HQ, nc)],
+    nc = -(-CAP // QSDPA_CHUNK) + 1  # and the tail's
+    return ([("T", dtype), ("D", D), ("NREP", HQ // HKV), ("BITS", bits), ("GS", group_size)],
+            (B * HKV * nc * QSDPA_CHUNK, 1, 1), (QSDPA_CHUNK, 1, 1), [(B, HQ, nc, D), (B, HQ, nc), (B, HQ, nc)],
             [mx.float32] * 3)
+
+
+@lru_cache(maxsize=512)
+def _args_quant_sdpa_merge(q_shape, dtype):
+    B, HQ, L, D = q_shape
+    return [("T", dtype), ("D", D)], (B * HQ * D, 1, 1), (D, 1, 1), [(B, HQ, 1, D)], [dtype]
 
 
 # The norms and swiglu take any leading dimensions (the bodies multiply them out): no reshapes.
@@ -153,17 +151,30 @@ def _emulate(name, inputs, input_names, output_names, template, grid, threadgrou
     return [mx.array(o).view(mx.bfloat16) if d == mx.bfloat16 else mx.array(o) for o, d in zip(outs, out_dtypes)]
 
 
-def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, **kw):
+@lru_cache(maxsize=8)
+def _no_tail(B, HKV, D, dtype):
+    t = mx.zeros((B, HKV, 1, D), dtype)
+    mx.eval(t)
+    return t, t, 0
+
+
+def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, tail=None, **kw):
     """Decode attention (q [B, HQ, 1, D]) over the first `n` positions of a quantized cache's buffers
-    (`keys`, `values`: mlx-lm QuantizedKVCache's (packed, scales, biases), [B, HKV, CAP, ...]): the
-    kernel's per-chunk partial sums, merged here. `mask` must be None (one query row sees all n)."""
+    (`keys`, `values`: mlx-lm QuantizedKVCache's (packed, scales, biases), [B, HKV, CAP, ...]) and
+    the first nt positions of `tail` = (keys, values, nt) in q's dtype ([B, HKV, <= 128, D]; None:
+    none): the kernel's per-chunk partial sums, then quant_sdpa_merge. `mask` must be None (one
+    query row sees all positions)."""
     if mask is not None or q.shape[2] != 1:
         raise ValueError("the quant_sdpa kernel takes one query position and no mask")
-    o, m, l = _run("quant_sdpa", [q, keys[0], _as(keys[1], q.dtype), _as(keys[2], q.dtype), values[0],
-                                  _as(values[1], q.dtype), _as(values[2], q.dtype), _core.i32_scalar(int(n)),
-                                  _core.f32_scalar(float(scale))],
-                   ("q", "kw", "ks", "kb", "vw", "vs", "vb", "n", "scale"), ("o", "m", "l"),
-                   _args_quant_sdpa(tuple(q.shape), q.dtype, tuple(keys[0].shape), bits, group_size), **kw)
-    w = mx.exp(m - m.max(axis=-1, keepdims=True))
-    out = (o * w[..., None]).sum(axis=2, keepdims=True) / (l * w).sum(axis=-1)[..., None, None]
-    return out.astype(q.dtype)
+    tk, tv, nt = tail if tail is not None else _no_tail(q.shape[0], keys[0].shape[1], q.shape[-1], q.dtype)
+    if tk.shape[2] > QSDPA_CHUNK:
+        raise ValueError(f"the quant_sdpa kernel takes a tail of at most {QSDPA_CHUNK} positions")
+    part = _run("quant_sdpa", [q, keys[0], _as(keys[1], q.dtype), _as(keys[2], q.dtype), values[0],
+                               _as(values[1], q.dtype), _as(values[2], q.dtype), _core.i32_scalar(int(n)),
+                               _as(tk, q.dtype), _as(tv, q.dtype), _core.i32_scalar(int(nt)),
+                               _core.f32_scalar(float(scale))],
+                ("q", "kw", "ks", "kb", "vw", "vs", "vb", "n", "tk", "tv", "nt", "scale"), ("o", "m", "l"),
+                _args_quant_sdpa(tuple(q.shape), q.dtype, tuple(keys[0].shape), bits, group_size), **kw)
+    (out,) = _run("quant_sdpa_merge", list(part), ("o", "m", "l"), ("out",),
+                  _args_quant_sdpa_merge(tuple(q.shape), q.dtype), **kw)
+    return out

@@ -1,156 +1,167 @@
 // quant_sdpa: one decode step of attention over a quantized KV cache (mlx-lm's QuantizedKVCache),
-// first pass: a partial softmax-weighted sum of V per chunk of CH cache positions.
+// first pass: a partial softmax-weighted sum of V per chunk of CH = 128 cache positions, plus one
+// chunk for a tail of full-precision positions (qwen_mlx.kv_cache.BlockQuantizedKVCache keeps its
+// newest tokens unquantized until a block of 128 fills; an empty tail for mlx-lm's cache).
 //
 // Why: MLX 0.32.4 on NVIDIA GPUs has no quantized matmul for the shapes of quantized attention
 // at decode (mlx-lm's quantized_scaled_dot_product_attention), and dequantizing the whole cache
 // every step writes and reads it again in full precision. This body reads the packed cache once.
-// Layout: one threadgroup of 128 threads (4 SIMD-groups) per (batch row, KV head, chunk); grid =
-// (B * HKV * NC * 128, 1, 1), NC = ceil(CAP / CH). SIMD-group s takes blocks of U = 4 consecutive
-// positions (c*CH + 4s, then + 16, ...) below n: the 4 positions' loads and score reductions are
-// independent, so their latencies overlap (one position at a time ran at half bf16's speed on an
-// H200). Lane j holds elements j*E .. j*E+E-1 (E = D / 32) of each key and value, dequantized
-// as scale * q + bias (MLX's affine format, low bits first), and of the NREP query heads that
-// share the KV head (mlx-lm's grouping: heads h*NREP .. h*NREP+NREP-1). Scores are simd_sums of
-// float32 products; an online softmax (running max m, sum l) keeps one accumulator per head.
-// The 4 SIMD-groups' partials are merged in threadgroup memory; positions >= n are never read.
+// Layout: one threadgroup of 128 threads per (batch row, KV head, chunk); grid =
+// (B * HKV * NC * 128, 1, 1), NC = ceil(CAP / 128) + 1, the last chunk the tail. Three phases, no per-position reductions
+// across threads (a first version spread each key over a SIMD-group's lanes and paid NREP
+// simd_sums per position: slower than bfloat16 attention on an H200):
+//   1. scores: thread t takes position c*128 + t, dequantizes its key (scale * q + bias, MLX's
+//      affine format, low bits first) and dots it with the NREP query heads sharing the KV head
+//      (mlx-lm's grouping: heads h*NREP .. h*NREP+NREP-1), held in threadgroup memory;
+//   2. per head, the chunk's max m (simd_max, then over the 4 SIMD-groups), p = exp(s - m) and
+//      their sum l (simd_sum);
+//   3. values: thread t owns element d = t % D of the output (D < 128: 128 / D threads per
+//      element, each over every (128/D)-th position, summed in threadgroup memory) and adds
+//      p * v over the chunk's positions: each step reads one row of V, coalesced.
+// Scores, softmax and sums are float32; positions >= n are never read.
 // Inputs:  q [B, HKV*NREP, 1, D] (T); kw, vw [B, HKV, CAP, D*BITS/32] (uint32); ks, kb, vs, vb
-//          [B, HKV, CAP, D/GS] (T); n [1] (int32, valid positions); scale [1] (float32).
-// Outputs: o [B, HKV*NREP, NC, D] (float32, the unnormalized sum over the chunk, exp(s - m)
-//          weights), m, l [B, HKV*NREP, NC] (float32); an empty chunk has m = -3e38, l = 0, o = 0.
-//          metal_kernels.kernels.quant_sdpa merges the chunks (max, rescale, sum, divide).
-// Template: T, D (head dim, a multiple of 32), NREP (<= 8), BITS (2, 4 or 8), GS (group size),
-//          CH (positions per threadgroup, a multiple of 16). CAP and HKV come from kw's shape, so a growing cache
-//          does not recompile.
+//          [B, HKV, CAP, D/GS] (T); n [1] (int32, valid packed positions); tk, tv [B, HKV, TCAP, D]
+//          (T, TCAP <= 128); nt [1] (int32, valid tail positions); scale [1] (float32).
+// Outputs: o [B, HKV*NREP, NC, D] (float32, the unnormalized sum over the chunk), m, l
+//          [B, HKV*NREP, NC] (float32); an empty chunk has m = -3e38, l = 0, o = 0.
+//          quant_sdpa_merge combines the chunks.
+// Template: T, D (32, 64 or 128), NREP (<= 8), BITS (2, 4 or 8), GS (group size, a multiple
+//          of 32 / BITS). CAP and HKV come from kw's shape, so a growing cache does not recompile.
 // ---- body ----
-constexpr int E = D / 32;
+constexpr int CH = 128;
 constexpr int PER = 32 / BITS;
 constexpr int WPR = D / PER;
 constexpr int GPR = D / GS;
-constexpr int SG = 4;
-constexpr int U = 4;
+constexpr int WPG = GS / PER;
+constexpr int G = CH / D;
 constexpr uint MASK = (1u << BITS) - 1u;
-const int HKV = kw_shape[1];
 const int CAP = kw_shape[2];
-const int NC = (CAP + CH - 1) / CH;
+const int TCAP = tk_shape[2];
+const int NCQ = (CAP + CH - 1) / CH;
+const int NC = NCQ + 1;
 const int gi = int(threadgroup_position_in_grid.x);
 const int c = gi % NC;
 const int bh = gi / NC;
 const int lane = int(thread_index_in_simdgroup);
 const int sg = int(simdgroup_index_in_threadgroup);
 const int tid = int(thread_index_in_threadgroup);
-const int valid = n[0];
+const bool tail = c == NCQ;
+const int start = tail ? 0 : c * CH;
+const int left = (tail ? nt[0] : n[0]) - start;
+const int cnt = left < 0 ? 0 : (left < CH ? left : CH);
 const float sc = scale[0];
-const int e0 = lane * E;
 
-float qr[NREP][E];
-float acc[NREP][E];
-float mx_[NREP];
-float sum_[NREP];
-for (int r = 0; r < NREP; r++) {
-  for (int j = 0; j < E; j++) {
-    qr[r][j] = static_cast<float>(q[size_t(bh * NREP + r) * D + e0 + j]) * sc;
-    acc[r][j] = 0.0f;
-  }
-  mx_[r] = -3.0e38f;
-  sum_[r] = 0.0f;
+threadgroup float qs[NREP * D];
+threadgroup float ps[NREP * CH];
+threadgroup float red_m[NREP * 4];
+threadgroup float red_l[NREP * 4];
+threadgroup float part[CH * NREP];
+for (int i = tid; i < NREP * D; i += CH) {
+  qs[i] = static_cast<float>(q[size_t(bh) * size_t(NREP * D) + size_t(i)]) * sc;
 }
+threadgroup_barrier(mem_flags::mem_threadgroup);
 
-const int start = c * CH;
-const int stop = start + CH < valid ? start + CH : valid;
-for (int t0 = start + sg * U; t0 < stop; t0 += SG * U) {
-  float kv[U][E];
-  float vv[U][E];
-  for (int u = 0; u < U; u++) {
-    for (int j = 0; j < E; j++) {
-      kv[u][j] = 0.0f;
-      vv[u][j] = 0.0f;
-    }
-    if (t0 + u < stop) {
-      const size_t row = size_t(bh) * size_t(CAP) + size_t(t0 + u);
-      const size_t g = row * GPR + size_t(e0 / GS);
-      const float ksc = static_cast<float>(ks[g]);
-      const float kbi = static_cast<float>(kb[g]);
-      const float vsc = static_cast<float>(vs[g]);
-      const float vbi = static_cast<float>(vb[g]);
-      for (int j = 0; j < E; j++) {
-        const int e = e0 + j;
-        const uint sh = uint((e % PER) * BITS);
-        kv[u][j] = ksc * static_cast<float>((kw[row * WPR + e / PER] >> sh) & MASK) + kbi;
-        vv[u][j] = vsc * static_cast<float>((vw[row * WPR + e / PER] >> sh) & MASK) + vbi;
-      }
-    }
-  }
-  float s[U][NREP];
-  for (int u = 0; u < U; u++) {
-    for (int r = 0; r < NREP; r++) {
-      float d = 0.0f;
-      for (int j = 0; j < E; j++) {
-        d += qr[r][j] * kv[u][j];
-      }
-      s[u][r] = d;
-    }
-  }
-  for (int u = 0; u < U; u++) {
-    for (int r = 0; r < NREP; r++) {
-      s[u][r] = simd_sum(s[u][r]);
-    }
-  }
+// 1. scores
+float s[NREP];
+for (int r = 0; r < NREP; r++) {
+  s[r] = -3.0e38f;
+}
+if (tid < cnt) {
   for (int r = 0; r < NREP; r++) {
-    float mn = mx_[r];
-    for (int u = 0; u < U; u++) {
-      if (t0 + u < stop && s[u][r] > mn) {
-        mn = s[u][r];
+    s[r] = 0.0f;
+  }
+  if (tail) {
+    const size_t row = size_t(bh) * size_t(TCAP) + size_t(tid);
+    for (int d = 0; d < D; d++) {
+      const float kd = static_cast<float>(tk[row * D + d]);
+      for (int r = 0; r < NREP; r++) {
+        s[r] += qs[r * D + d] * kd;
       }
     }
-    const float f = metal::exp(mx_[r] - mn);
-    sum_[r] *= f;
-    for (int j = 0; j < E; j++) {
-      acc[r][j] *= f;
-    }
-    for (int u = 0; u < U; u++) {
-      if (t0 + u < stop) {
-        const float p = metal::exp(s[u][r] - mn);
-        sum_[r] += p;
-        for (int j = 0; j < E; j++) {
-          acc[r][j] += p * vv[u][j];
+  }
+  const size_t row = size_t(bh) * size_t(CAP) + size_t(start + tid);
+  for (int g = 0; g < (tail ? 0 : GPR); g++) {
+    const float ksc = static_cast<float>(ks[row * GPR + g]);
+    const float kbi = static_cast<float>(kb[row * GPR + g]);
+    for (int w = 0; w < WPG; w++) {
+      const uint word = kw[row * WPR + size_t(g * WPG + w)];
+      for (int i = 0; i < PER; i++) {
+        const float kd = ksc * static_cast<float>((word >> uint(i * BITS)) & MASK) + kbi;
+        const int d = g * GS + w * PER + i;
+        for (int r = 0; r < NREP; r++) {
+          s[r] += qs[r * D + d] * kd;
         }
       }
     }
-    mx_[r] = mn;
   }
 }
 
-threadgroup float part_m[SG * NREP];
-threadgroup float part_l[SG * NREP];
-threadgroup float part_o[SG * NREP * D];
+// 2. softmax over the chunk, per head
 for (int r = 0; r < NREP; r++) {
+  const float mm = simd_max(s[r]);
   if (lane == 0) {
-    part_m[sg * NREP + r] = mx_[r];
-    part_l[sg * NREP + r] = sum_[r];
-  }
-  for (int j = 0; j < E; j++) {
-    part_o[(sg * NREP + r) * D + e0 + j] = acc[r][j];
+    red_m[r * 4 + sg] = mm;
   }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
-for (int i = tid; i < NREP * D; i += SG * 32) {
-  const int r = i / D;
-  const int d = i % D;
-  float M = -3.0e38f;
-  for (int s = 0; s < SG; s++) {
-    M = part_m[s * NREP + r] > M ? part_m[s * NREP + r] : M;
+float M[NREP];
+for (int r = 0; r < NREP; r++) {
+  float a = red_m[r * 4];
+  for (int k = 1; k < 4; k++) {
+    a = red_m[r * 4 + k] > a ? red_m[r * 4 + k] : a;
   }
-  float acc_o = 0.0f;
-  float acc_l = 0.0f;
-  for (int s = 0; s < SG; s++) {
-    const float f = metal::exp(part_m[s * NREP + r] - M);
-    acc_o += part_o[(s * NREP + r) * D + d] * f;
-    acc_l += part_l[s * NREP + r] * f;
+  M[r] = a;
+  const float p = tid < cnt ? metal::exp(s[r] - a) : 0.0f;
+  ps[r * CH + tid] = p;
+  const float ls = simd_sum(p);
+  if (lane == 0) {
+    red_l[r * 4 + sg] = ls;
   }
-  const size_t hr = size_t(bh * NREP + r) * size_t(NC) + size_t(c);
-  o[hr * D + d] = acc_o;
-  if (d == 0) {
-    m[hr] = M;
-    l[hr] = acc_l;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+
+// 3. values
+const int d = tid % D;
+const int grp = tid / D;
+float acc[NREP];
+for (int r = 0; r < NREP; r++) {
+  acc[r] = 0.0f;
+}
+for (int j = grp; j < cnt; j += G) {
+  float vd;
+  if (tail) {
+    vd = static_cast<float>(tv[(size_t(bh) * size_t(TCAP) + size_t(j)) * D + d]);
+  } else {
+    const size_t row = size_t(bh) * size_t(CAP) + size_t(start + j);
+    const uint word = vw[row * WPR + size_t(d / PER)];
+    vd = static_cast<float>(vs[row * GPR + size_t(d / GS)]) *
+             static_cast<float>((word >> uint((d % PER) * BITS)) & MASK) +
+         static_cast<float>(vb[row * GPR + size_t(d / GS)]);
+  }
+  for (int r = 0; r < NREP; r++) {
+    acc[r] += ps[r * CH + j] * vd;
+  }
+}
+if (G > 1) {
+  for (int r = 0; r < NREP; r++) {
+    part[tid * NREP + r] = acc[r];
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (int r = 0; r < NREP; r++) {
+    float a = 0.0f;
+    for (int k = 0; k < G; k++) {
+      a += part[(k * D + d) * NREP + r];
+    }
+    acc[r] = a;
+  }
+}
+if (grp == 0) {
+  for (int r = 0; r < NREP; r++) {
+    const size_t hr = size_t(bh * NREP + r) * size_t(NC) + size_t(c);
+    o[hr * D + d] = acc[r];
+    if (d == 0) {
+      m[hr] = M[r];
+      l[hr] = red_l[r * 4] + red_l[r * 4 + 1] + red_l[r * 4 + 2] + red_l[r * 4 + 3];
+    }
   }
 }

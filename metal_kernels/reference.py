@@ -60,11 +60,14 @@ def swiglu(gate_up: mx.array) -> mx.array:
 
 
 def quant_sdpa(q: mx.array, keys: tuple, values: tuple, n: int, scale: float, bits: int, group_size: int,
-               mask=None) -> mx.array:
+               mask=None, tail=None) -> mx.array:
     """Attention of q [B, HQ, L, D] over the first `n` positions of a quantized KV cache's buffers
-    (`keys`, `values`: mlx-lm QuantizedKVCache's (packed, scales, biases), [B, HKV, CAP, ...]):
-    dequantized to q's dtype, then `mx.fast.scaled_dot_product_attention` (which takes the grouped
-    heads and `mask` as mlx-lm passes it: None, "causal" or an array)."""
+    (`keys`, `values`: mlx-lm QuantizedKVCache's (packed, scales, biases), [B, HKV, CAP, ...]),
+    followed by the first nt positions of `tail` = (keys, values, nt) (full precision, [B, HKV, T, D];
+    None: none): dequantized to q's dtype, then `mx.fast.scaled_dot_product_attention` (which takes
+    the grouped heads and `mask` as mlx-lm passes it: None, "causal" or an array)."""
     k, v = (mx.dequantize(*(a[..., :n, :] for a in t), group_size=group_size, bits=bits).astype(q.dtype)
             for t in (keys, values))
+    if tail is not None and tail[2]:
+        k, v = (mx.concatenate([a, t[..., :tail[2], :].astype(q.dtype)], axis=2) for a, t in ((k, tail[0]), (v, tail[1])))
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

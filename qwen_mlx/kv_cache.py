@@ -6,7 +6,10 @@ Owns:
   (mlx-lm's `RotatingKVCache` has no quantized form).
 - `new_cache(model, opts)` builds the per-layer mlx-lm caches; `maybe_quantize(cache, opts)`
   turns full-precision layers into mlx-lm `QuantizedKVCache`s once they hold `quantized_kv_start`
-  tokens (mlx-lm's `maybe_quantize_kv_cache`, same semantics as `mlx_lm.generate`).
+  tokens (mlx-lm's `maybe_quantize_kv_cache`, same semantics as `mlx_lm.generate`). Where
+  attention over a quantized cache runs through `metal_kernels.quant_sdpa` (NVIDIA GPUs), they
+  become `BlockQuantizedKVCache`s: the same packed buffers, with decode tokens quantized a block
+  of 128 at a time.
 - Prompt-cache files: `save_prompt_cache_file` / `load_prompt_cache_file` write and read mlx-lm's
   safetensors layout (`save_prompt_cache` / `load_prompt_cache`: arrays plus string metadata, no
   pickle) with the token ids the cache holds, the KV settings, a content hash of the arrays and
@@ -29,7 +32,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, maybe_quantize_kv_cache
-from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache, save_prompt_cache
+
+import metal_kernels as K
 
 FORMAT = "qwen-mlx prompt cache 1"
 CACHE_CLASSES = ("KVCache", "QuantizedKVCache", "RotatingKVCache")
@@ -78,6 +83,96 @@ def cache_options(kv_bits: Optional[int] = None, kv_group_size: int = 64,
     return CacheOptions(kv_bits, kv_group_size, quantized_kv_start, max_kv_size, keep)
 
 
+class BlockQuantizedKVCache(QuantizedKVCache):
+    """mlx-lm's `QuantizedKVCache` (same packed buffers, state and trimming) that stores decode
+    tokens a block at a time: a one-token update writes the token's keys and values, unrounded,
+    into a tail of `block` (128) positions, and the tail is quantized into the packed buffers when
+    it is full, before a longer update (a prefill chunk), and before `state`, `trim` or `plain`.
+
+    Why: per decode step and layer, mlx-lm's update quantizes keys and values (two `mx.quantize`)
+    and writes six slices; on an H200 that host work, not the GPU, made quantized decoding half as
+    fast as bfloat16 (docs/benchmarks.md). Here a step writes two slices. Quantization groups run
+    along the head dimension, so a token quantized with its block is stored exactly as mlx-lm
+    stores it alone; attention (`tail()`, `metal_kernels.quant_sdpa`) reads the tail unrounded.
+    One-token updates return the packed buffers unsliced (attention needs `tail()` besides)."""
+
+    block = 128
+
+    def __init__(self, group_size: int = 64, bits: int = 8):
+        super().__init__(group_size=group_size, bits=bits)
+        self.tail_keys = self.tail_values = None
+        self.tail_n = 0
+
+    @classmethod
+    def of(cls, c: QuantizedKVCache) -> "BlockQuantizedKVCache":
+        """The same cache (its buffers, not a copy) as a BlockQuantizedKVCache."""
+        b = cls(group_size=c.group_size, bits=c.bits)
+        b.keys, b.values, b.offset = c.keys, c.values, c.offset
+        return b
+
+    def plain(self) -> QuantizedKVCache:
+        """The same cache (after `flush`) as mlx-lm's QuantizedKVCache: what prompt-cache files hold."""
+        self.flush()
+        c = QuantizedKVCache(group_size=self.group_size, bits=self.bits)
+        c.keys, c.values, c.offset = self.keys, self.values, self.offset
+        return c
+
+    def flush(self) -> None:
+        """Quantize the tail into the packed buffers."""
+        if self.tail_n:
+            n, self.tail_n = self.tail_n, 0
+            self.offset -= n
+            super().update_and_fetch(self.tail_keys[..., :n, :], self.tail_values[..., :n, :])
+
+    def update_and_fetch(self, keys, values):
+        if keys.shape[2] != 1 or self.keys is None:
+            self.flush()
+            return super().update_and_fetch(keys, values)
+        if self.tail_keys is None or self.tail_keys.shape != (*keys.shape[:2], self.block, keys.shape[3]):
+            self.flush()
+            self.tail_keys = mx.zeros((*keys.shape[:2], self.block, keys.shape[3]), keys.dtype)
+            self.tail_values = mx.zeros((*values.shape[:2], self.block, values.shape[3]), values.dtype)
+        elif self.tail_n == self.block:
+            self.flush()
+        self.tail_keys[..., self.tail_n:self.tail_n + 1, :] = keys
+        self.tail_values[..., self.tail_n:self.tail_n + 1, :] = values
+        self.tail_n += 1
+        self.offset += 1
+        return self.keys, self.values
+
+    def tail(self):
+        """(keys, values, n) of the unquantized tail for attention, or None when it is empty; the
+        packed buffers then hold the first `offset - n` positions."""
+        return (self.tail_keys, self.tail_values, self.tail_n) if self.tail_n else None
+
+    @property
+    def state(self):
+        self.flush()
+        return super().state
+
+    @state.setter
+    def state(self, v):
+        self.tail_n = 0
+        QuantizedKVCache.state.fset(self, v)
+
+    def trim(self, n):
+        self.flush()
+        return super().trim(n)
+
+    @property
+    def nbytes(self):
+        return super().nbytes + sum(a.nbytes for a in (self.tail_keys, self.tail_values) if a is not None)
+
+
+def _blocked(cache: list) -> None:
+    """Where quantized attention runs through metal_kernels.quant_sdpa, mlx-lm QuantizedKVCache
+    layers become BlockQuantizedKVCache (in place; the same buffers)."""
+    if K.runs_quant_sdpa():
+        for i, c in enumerate(cache):
+            if type(c) is QuantizedKVCache:
+                cache[i] = BlockQuantizedKVCache.of(c)
+
+
 def new_cache(model, opts: Optional[CacheOptions] = None) -> list:
     """Empty per-layer caches for `opts`: rotating with `max_kv_size`, else full precision (a
     quantized cache starts full precision and is converted by `maybe_quantize`, as in mlx-lm)."""
@@ -92,6 +187,7 @@ def maybe_quantize(cache: list, opts: Optional[CacheOptions]) -> None:
     quantized form (no-op without kv_bits)."""
     if opts is not None and opts.kv_bits is not None:
         maybe_quantize_kv_cache(cache, opts.quantized_kv_start, opts.kv_group_size, opts.kv_bits)
+        _blocked(cache)
 
 
 def cache_nbytes(cache: list) -> int:
@@ -132,6 +228,7 @@ def save_prompt_cache_file(path, cache: list, tokens: Sequence[int], model, toke
     identity, `opts` and the string metadata `extra`. Written to a temporary name, then renamed."""
     if any(c.offset != len(tokens) for c in cache):
         raise ValueError(f"the cache holds {cache[0].offset} tokens, not the {len(tokens)} given")
+    cache = [c.plain() if isinstance(c, BlockQuantizedKVCache) else c for c in cache]  # mlx-lm's classes
     mx.eval([c.state for c in cache])
     meta = dict(extra or {})
     meta.update(model_identity(model, tokenizer), format=FORMAT, tokens=json.dumps([int(t) for t in tokens]),

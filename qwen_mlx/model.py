@@ -23,7 +23,8 @@ What shapes the code:
   `scaled_dot_product_attention`, which reads a quantized cache with quantized matmuls, and the
   mask comes from the cache (a rotating window needs a windowed mask). See `qwen_mlx.kv_cache`.
   On CUDA, where MLX has no quantized matmul for those shapes, a quantized cache is read by
-  `K.quant_sdpa` instead (a kernel over the packed cache at decode, dequantize + SDPA otherwise).
+  `K.quant_sdpa` instead (a kernel over the packed cache at decode, dequantize + SDPA otherwise),
+  and so is a `kv_cache.BlockQuantizedKVCache` (packed buffers plus a full-precision tail) anywhere.
 - The hot elementwise work goes through `metal_kernels` (`K.*`): fused
   add+RMSNorm, bias+RoPE+head-split after the q/k/v matmul, SwiGLU. Each op
   has a hand-written Metal kernel, used on a GPU only where it measured faster
@@ -191,9 +192,10 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
             if _TAP.get() is not None and hasattr(cache, "bits"):  # mlx-lm's quantized attention scales q in place
                 q = mx.array(q)
-        if hasattr(cache, "bits") and K.runs_quant_sdpa():  # quantized KV on CUDA: MLX has no quantized
-            o = K.quant_sdpa(q, cache.keys, cache.values, cache.offset, self.scale,  # matmul for mlx-lm's path
-                             cache.bits, cache.group_size, mask)
+        tail = cache.tail() if hasattr(cache, "tail") else None  # kv_cache.BlockQuantizedKVCache's newest tokens
+        if hasattr(cache, "bits") and (tail is not None or K.runs_quant_sdpa()):  # quantized KV on CUDA: MLX has
+            o = K.quant_sdpa(q, cache.keys, cache.values, cache.offset - (tail[2] if tail else 0),  # no quantized
+                             self.scale, cache.bits, cache.group_size, mask, tail)  # matmul for mlx-lm's path
         else:
             o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         o = tap(name + "attn_out", o.transpose(0, 2, 1, 3).reshape(B, L, -1))

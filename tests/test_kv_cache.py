@@ -17,7 +17,9 @@ import pytest
 import qwen_mlx
 from qwen_mlx import cache_prompt
 from qwen_mlx.generation import generate as generate_text, generate_step, stream_generate
-from qwen_mlx.kv_cache import (PromptCacheError, cache_nbytes, cache_options, continuation, load_prompt_cache_file,
+from mlx_lm.models.cache import QuantizedKVCache
+
+from qwen_mlx.kv_cache import (BlockQuantizedKVCache, PromptCacheError, cache_nbytes, cache_options, continuation, load_prompt_cache_file,
                                maybe_quantize, new_cache, read_metadata, save_prompt_cache_file)
 from qwen_mlx.research import patch
 
@@ -69,6 +71,98 @@ def test_generation_quantizes_at_quantized_kv_start(tiny):
         kinds.append((cache[0].offset, type(cache[0]).__name__))
     assert all(k == "KVCache" for off, k in kinds if off < 40) and kinds[-1][1] == "QuantizedKVCache"
     assert all(type(c).__name__ == "QuantizedKVCache" and c.bits == 8 for c in cache)
+
+
+def feed(caches, k, v):
+    for c in caches:
+        c.update_and_fetch(k, v)
+
+
+def test_block_cache_stores_exactly_what_mlx_lm_stores():
+    """BlockQuantizedKVCache against mlx-lm's QuantizedKVCache fed the same keys and values: a
+    prompt, one-token steps across several tail flushes and buffer growths, a prefill chunk in the
+    middle, a trim: after each phase the packed buffers (read through `state`, which flushes) are
+    bit-identical up to the offset (capacities may differ) and the offsets equal; while tokens wait in the tail, `tail()` holds them exactly."""
+    g = np.random.default_rng(int.from_bytes(__import__("os").urandom(4), "little"))
+    arr = lambda n: mx.array(g.standard_normal((1, 2, n, 64)) * 3, mx.float32)
+    ours, theirs = BlockQuantizedKVCache(group_size=32, bits=4), QuantizedKVCache(group_size=32, bits=4)
+    ours.block = 16
+    feed((ours, theirs), arr(37), arr(37))
+
+    def same():
+        assert ours.offset == theirs.offset
+        for a, b in zip(ours.state[0] + ours.state[1], theirs.state[0] + theirs.state[1]):
+            assert np.array_equal(np.array(a[..., :ours.offset, :]), np.array(b[..., :ours.offset, :]))
+
+    for phase in (40, 3, 300):  # one-token steps, then a 5-token chunk after each phase
+        for i in range(phase):
+            k, v = arr(1), arr(1)
+            feed((ours, theirs), k, v)
+            tk, tv, nt = ours.tail()
+            assert nt == (i % 16) + 1 and np.array_equal(np.array(tk[..., nt - 1:nt, :]), np.array(k))
+            assert np.array_equal(np.array(tv[..., nt - 1:nt, :]), np.array(v))
+        same()
+        feed((ours, theirs), arr(5), arr(5))
+        assert ours.tail() is None
+        same()
+    feed((ours, theirs), arr(1), arr(1))
+    assert ours.trim(4) == theirs.trim(4) == 4 and ours.tail() is None
+    same()
+
+
+def test_block_cache_attends_over_quantized_blocks_and_the_exact_tail(tiny):
+    """The model decoding one token at a time on a BlockQuantizedKVCache (blocks of 16, the prompt of
+    257 tokens quantized as one chunk) equals a full-precision forward whose K and V are replaced by
+    their quantize-dequantize round trip at exactly the positions the cache has quantized (the
+    tail's stay exact): float32 summation order only (~1e-6 relative). The same forward with every
+    position round-tripped is much further off (so the tail is really read unrounded)."""
+    _, model, _ = tiny
+    toks = mx.array([random_tokens(300, 7)])
+    cache = [BlockQuantizedKVCache(group_size=64, bits=4) for _ in model.layers]
+    for c in cache:
+        c.block = 16
+    ours = [model(toks[:, :257], cache=cache)[0, -1]] + [model(toks[:, i:i + 1], cache=cache)[0, -1]
+                                                           for i in range(257, 299)]
+
+    def forward(quantized):  # logits of the whole sequence, K/V round-tripped below `quantized`
+        def rt(x):
+            r = mx.dequantize(*mx.quantize(x, group_size=64, bits=4), group_size=64, bits=4)
+            return mx.concatenate([r[:, :, :quantized], x[:, :, quantized:]], axis=2)
+        with patch({"layers.*.k": rt, "layers.*.v": rt}, model):
+            return np.array(model(toks[:, :299])[0])
+
+    refs = {b: forward(b) for b in (257, 273, 289, 299)}
+    err = quant_effect = 0.0
+    for p, logits in enumerate(ours, start=256):  # logits of position p, which sees positions 0..p
+        quantized = 257 if p < 257 else 257 + 16 * ((p - 257) // 16)
+        err = max(err, np.abs(np.array(logits) - refs[quantized][p]).max())
+        if p >= 257:
+            quant_effect = max(quant_effect, np.abs(refs[299][p] - refs[quantized][p]).max())
+    print("err", err, "quantization effect", quant_effect)
+    assert err < 1e-5 * np.abs(refs[299]).max() and err * 20 < quant_effect, (err, quant_effect)
+
+
+def test_block_cache_where_quant_sdpa_runs_and_in_files(tiny, tmp_path, monkeypatch):
+    """Where quantized attention runs through metal_kernels.quant_sdpa (NVIDIA GPUs; forced here),
+    generation's quantized layers are BlockQuantizedKVCaches; a prompt-cache file written from them
+    holds mlx-lm's QuantizedKVCache, loads, and its arrays equal the flushed cache's."""
+    import types
+    from qwen_mlx import kv_cache
+    _, model, tok = tiny
+    monkeypatch.setattr(kv_cache, "K", types.SimpleNamespace(runs_quant_sdpa=lambda: True))
+    kv = cache_options(kv_bits=8, quantized_kv_start=0)
+    cache = new_cache(model, kv)
+    ids = random_tokens(30, 3)
+    out = [t for t, _ in generate_step(mx.array(ids), model, max_tokens=12, cache=cache, kv=kv)]
+    assert all(type(c) is BlockQuantizedKVCache and c.tail() is not None for c in cache)
+    f = tmp_path / "block.safetensors"
+    save_prompt_cache_file(f, cache, ids + out[:-1], model, tok)
+    assert read_metadata(f)["classes"] == ["QuantizedKVCache"] * len(model.layers)
+    loaded, tokens, _, _ = load_prompt_cache_file(f, model, tok)
+    assert tokens == ids + out[:-1] and all(c.tail() is None for c in cache)
+    for a, b in zip(loaded, cache):
+        for x, y in zip(a.state[0] + a.state[1], b.state[0] + b.state[1]):
+            assert np.array_equal(np.array(x), np.array(y))
 
 
 def test_cache_options_refuse_bad_settings():

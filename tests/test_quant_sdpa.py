@@ -49,19 +49,26 @@ def np_dequant(packed, scales, biases, bits, group_size):
     return q * f(scales) + f(biases)
 
 
-def make_case(g, dtype, B, HKV, NREP, D, bits, gs, n):
-    """A QuantizedKVCache holding n random positions, a decode query, and the float64 answer."""
+def make_case(g, dtype, B, HKV, NREP, D, bits, gs, n, nt=0):
+    """A QuantizedKVCache holding n random positions, a full-precision tail (capacity 128, as
+    qwen_mlx.kv_cache.BlockQuantizedKVCache's) holding nt more (None if 0), a decode query, and the
+    float64 answer over all n + nt positions."""
     cache = QuantizedKVCache(group_size=gs, bits=bits)
     kv = [mx.array(s * g.standard_normal((B, HKV, n, D)), dtype) for s in (3.0, 1.0)]
     cache.update_and_fetch(*kv)
     q = mx.array(g.standard_normal((B, HKV * NREP, 1, D)), dtype)
     scale = D ** -0.5
     k, v = (np_dequant(*(a[..., :n, :] for a in t), bits, gs) for t in (cache.keys, cache.values))
+    tail = None
+    if nt:
+        tail = tuple(mx.array(s * g.standard_normal((B, HKV, 128, D)), dtype) for s in (3.0, 1.0)) + (nt,)
+        f64 = lambda a: np.array(a[..., :nt, :].astype(mx.float32)).astype(np.float64)
+        k, v = np.concatenate([k, f64(tail[0])], axis=2), np.concatenate([v, f64(tail[1])], axis=2)
     qq = np.array(q.astype(mx.float32)).astype(np.float64).reshape(B, HKV, NREP, 1, D)
     s = np.einsum("bhrld,bhnd->bhrln", qq, k) * scale
     p = np.exp(s - s.max(-1, keepdims=True))
     exact = np.einsum("bhrln,bhnd->bhrld", p / p.sum(-1, keepdims=True), v).reshape(B, HKV * NREP, 1, D)
-    return q, cache, scale, (exact, np.abs(s).max() * np.abs(v).max())  # sv: the scores' term (docstring)
+    return q, cache, scale, (exact, np.abs(s).max() * np.abs(v).max()), tail  # sv: the scores' term (docstring)
 
 
 def check(out, answer, dtype, what, score_u=2.0 ** -21):
@@ -72,11 +79,11 @@ def check(out, answer, dtype, what, score_u=2.0 ** -21):
     assert np.isfinite(got).all() and err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
 
 
-CASES = [  # B, HKV, NREP, D, bits, group, n: one chunk; several with empty chunks; 2-bit; GQA 7 and 8
-    (1, 2, 7, 64, 4, 32, 37),
-    (2, 1, 3, 128, 8, 64, 300),
-    (1, 2, 8, 128, 2, 64, 5),
-    (1, 1, 1, 32, 4, 32, 1),
+CASES = [  # B, HKV, NREP, D, bits, group, n, tail: one chunk; several with empty chunks; 2-bit; GQA 7 and 8;
+    (1, 2, 7, 64, 4, 32, 37, 0),   # head dims 64, 128, 32 (1, 2 and 4 threads per output element);
+    (2, 1, 3, 128, 8, 64, 300, 5),  # tails empty, partial, full
+    (1, 2, 8, 128, 2, 64, 5, 128),
+    (1, 1, 1, 32, 4, 32, 1, 1),
 ]
 P = {mx.float32: 22, mx.bfloat16: 7}
 
@@ -84,14 +91,14 @@ P = {mx.float32: 22, mx.bfloat16: 7}
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
 def test_reference_matches_float64_and_mlx_lm(dtype):
     g = rng()
-    for B, HKV, NREP, D, bits, gs, n in CASES:
-        q, cache, scale, exact = make_case(g, dtype, B, HKV, NREP, D, bits, gs, n)
-        ref = R.quant_sdpa(q, cache.keys, cache.values, cache.offset, scale, bits, gs)
-        check(ref, exact, dtype, f"reference {dtype} {bits}-bit n={n}",
+    for B, HKV, NREP, D, bits, gs, n, nt in CASES:
+        q, cache, scale, exact, tail = make_case(g, dtype, B, HKV, NREP, D, bits, gs, n, nt)
+        ref = R.quant_sdpa(q, cache.keys, cache.values, cache.offset, scale, bits, gs, tail=tail)
+        check(ref, exact, dtype, f"reference {dtype} {bits}-bit n={n} tail {nt}",
               score_u=2.0 ** -21 if dtype == mx.float32 else 2.0 ** -8)
         k, v = (tuple(a[..., :n, :] for a in t) for t in (cache.keys, cache.values))
         theirs = scaled_dot_product_attention(q + 0, k, v, cache=cache, scale=scale, mask=None)  # scales q in place
-        if dtype == mx.float32:
+        if dtype == mx.float32 and not nt:
             assert np.abs(np.array(theirs) - np.array(ref)).max() <= 1e-5 * np.abs(exact[0]).max()
 
 
@@ -122,41 +129,42 @@ def test_dispatch_on_this_machine():
     assert not K.quant_sdpa_fits(q, keys, 6, None) and not K.quant_sdpa_fits(q, keys, 4, "causal")
     assert not K.quant_sdpa_fits(mx.zeros((1, 14, 2, 64)), keys, 4, None)
     assert not K.quant_sdpa_fits(mx.zeros((1, 18, 1, 64)), keys, 4, None)  # 9 query heads per KV head
+    assert not K.quant_sdpa_fits(mx.zeros((1, 14, 1, 256)), keys, 4, None)  # head dim over 128
     if mx.default_device() == mx.cpu:
         assert not K.runs_quant_sdpa()  # mlx-lm's quantized attention runs on the CPU
     elif _core.gpu_backend() == "cuda":
         assert K.runs_quant_sdpa()
 
 
-def test_chunking():
-    assert [KK.quant_sdpa_chunk(c) for c in (256, 16384, 16640, 33024, 65536, 262400)] == [32, 32, 64, 128, 128, 256]
 
 
 @pytest.mark.skipif(not cpu_emulator.available(), reason="no C++20 compiler for metal_kernels.cpu_emulator")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
 def test_emulated_kernel_matches_float64(dtype):
     g = rng()
-    for B, HKV, NREP, D, bits, gs, n in CASES:
-        q, cache, scale, exact = make_case(g, dtype, B, HKV, NREP, D, bits, gs, n)
-        out = KK.quant_sdpa(q, cache.keys, cache.values, cache.offset, scale, bits, gs, backend="cpu-emulator")
-        check(out, exact, dtype, f"emulated kernel {dtype} {bits}-bit n={n}")
+    for B, HKV, NREP, D, bits, gs, n, nt in CASES:
+        q, cache, scale, exact, tail = make_case(g, dtype, B, HKV, NREP, D, bits, gs, n, nt)
+        out = KK.quant_sdpa(q, cache.keys, cache.values, cache.offset, scale, bits, gs, tail=tail,
+                            backend="cpu-emulator")
+        check(out, exact, dtype, f"emulated kernel {dtype} {bits}-bit n={n} tail {nt}")
 
 
 @pytest.mark.skipif(mx.cuda.is_available(), reason="MLX's CUDA build runs metal_kernel as CUDA")
 def test_metal_source(capfd, tmp_path):
     g = np.random.default_rng(0)
-    q, cache, scale, _ = make_case(g, mx.float16, 1, 2, 7, 64, 4, 64, 20)
+    q, cache, scale, _, _ = make_case(g, mx.float16, 1, 2, 7, 64, 4, 64, 20)
     call = lambda q: KK.quant_sdpa(q, cache.keys, cache.values, 20, scale, 4, 64, backend="metal",
                                    stream=mx.gpu, verbose=True)
     src = metal_source(capfd, tmp_path, call, q)
     assert "[[kernel]] void custom_kernel_qwen_quant_sdpa_" in src
-    assert "template <typename T, int D, int NREP, int BITS, int GS, int CH>" in src
-    for a in ("q", "kw", "ks", "kb", "vw", "vs", "vb", "n", "scale"):
+    assert "template <typename T, int D, int NREP, int BITS, int GS>" in src
+    assert "[[kernel]] void custom_kernel_qwen_quant_sdpa_merge_" in src  # the second pass
+    for a in ("q", "kw", "ks", "kb", "vw", "vs", "vb", "n", "tk", "tv", "nt", "scale"):
         assert f"* {a} [[buffer(" in src, a
     assert "const constant int* kw_shape" in src or "kw_shape [[buffer(" in src
 
 
-GPU_CASES = [(mx.bfloat16, c) for c in CASES[:2] + [(1, 4, 7, 128, 4, 64, 9000), (1, 4, 7, 128, 8, 64, 33000)]] + [
+GPU_CASES = [(mx.bfloat16, c) for c in CASES[:2] + [(1, 4, 7, 128, 4, 64, 9000, 77), (1, 4, 7, 128, 8, 64, 33000, 0)]] + [
     (mx.float32, c) for c in CASES[2:]]  # each (dtype, shape) compiles once on CUDA (~10-20 s each)
 
 
@@ -165,10 +173,10 @@ def test_gpu_kernel_matches_float64():
     old, KK.POISON = KK.POISON, True  # an output element the kernel does not write stays NaN
     try:
         g = rng()
-        for dtype, (B, HKV, NREP, D, bits, gs, n) in GPU_CASES:
-            q, cache, scale, exact = make_case(g, dtype, B, HKV, NREP, D, bits, gs, n)
-            out = KK.quant_sdpa(q, cache.keys, cache.values, cache.offset, scale, bits, gs)
-            check(out, exact, dtype, f"GPU kernel {dtype} {bits}-bit n={n}")
+        for dtype, (B, HKV, NREP, D, bits, gs, n, nt) in GPU_CASES:
+            q, cache, scale, exact, tail = make_case(g, dtype, B, HKV, NREP, D, bits, gs, n, nt)
+            out = KK.quant_sdpa(q, cache.keys, cache.values, cache.offset, scale, bits, gs, tail=tail)
+            check(out, exact, dtype, f"GPU kernel {dtype} {bits}-bit n={n} tail {nt}")
             assert K.runs_quant_sdpa() == (_core.gpu_backend() == "cuda")
     finally:
         KK.POISON = old
