@@ -187,10 +187,12 @@ def test_native_quantized_matches_float32_path(default_model, ours, references):
 @pytest.mark.gpu
 def test_gpu_bfloat16_native_quantized_teacher_forced_argmax(default_model, reference_tokens):
     """On a GPU, the default as users get it (bfloat16, GGUF weights kept quantized) against the
-    float32 transformers reference, teacher-forced over all 6 prompts x 48 tokens (288
-    positions): argmax agrees at >= 99% (an H200 gave 287 of 288 on 2026-12-01). bfloat16 keeps
-    8 mantissa bits (relative rounding 2^-9 per op), so near-ties in the reference may flip; 1%
-    is 2 positions of slack on 288, and a real loader or kernel bug costs far more than that."""
+    float32 transformers reference, teacher-forced over all 6 prompts' continuations (up to 48
+    tokens each; transformers 5.24 ends one at EOS after 14: 254 positions): argmax agrees at
+    >= 99% (H200: 287 of 288 on 2026-12-01, 253 of 254 with the reference file on 2026-12-02).
+    bfloat16 keeps 8 mantissa bits (relative rounding 2^-9 per op), so near-ties in the
+    reference may flip; 1% is 2 positions of slack, and a real loader or kernel bug costs far
+    more than that."""
     from qwen_mlx.loader import is_quantized
 
     model, _ = qwen_mlx.load(default_model)  # the defaults on a GPU: bfloat16, quantized
