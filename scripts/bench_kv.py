@@ -6,8 +6,9 @@
 Both libraries get the same random weights (scripts/benchlib.py's `random_pair`) and the same
 random prompt of `--context` tokens. For each KV setting (full = the compute dtype, bf16 on a GPU; 8-bit; 4-bit;
 quantized from the start, `quantized_kv_start=0`, groups of `--kv-group-size` 64) each library prefills the prompt
-once with its own `generate_step` (chunks of 2048), and the KV cache bytes and the peak memory of
-that prefill (above what was allocated before it) are recorded. Then rounds alternate over every
+once with its own `generate_step` (chunks of 2048); the peak memory of that prefill (above what was
+allocated before it) is recorded, and after 4 warm-up tokens the KV cache bytes (allocated
+capacity, as decoding holds it: a block cache's full-precision tail included). Then rounds alternate over every
 (setting, library): `--gen` tokens are decoded from the prefilled cache, timed from the first
 token to the last, and the cache is trimmed back, so every round decodes at the same context.
 Medians over `--rounds` rounds with the min-max spread; ratios are against mlx-lm and the full-precision KV.
@@ -111,9 +112,9 @@ def main():
                 mx.synchronize()
                 for c in cache:  # leave exactly the prompt in the cache
                     c.trim(c.offset - a.context)
-                cases[s, lib] = dict(step=step, cache=cache, last=last, kv_bytes=cache_nbytes(cache),
-                                     peak=mx.get_peak_memory() - base, tps=[])
+                cases[s, lib] = dict(step=step, cache=cache, last=last, peak=mx.get_peak_memory() - base, tps=[])
                 decode_tps(step, cache, last, 4)  # warm-up at this context
+                cases[s, lib]["kv_bytes"] = cache_nbytes(cache)  # as decoding holds it (a block cache's tail too)
             except Exception as e:  # e.g. mlx-lm's quantized attention on CUDA (MLX 0.32.4 lacks the matmul)
                 cache = cases[s, lib] = None
                 errors[s, lib] = str(e).splitlines()[0][:200]
