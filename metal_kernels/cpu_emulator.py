@@ -70,24 +70,17 @@ struct Group { std::barrier<>* all; std::vector<std::barrier<>*> simd; float slo
 thread_local Group* g_group = nullptr;
 thread_local uint g_tid = 0;
 inline void threadgroup_barrier(int) { g_group->all->arrive_and_wait(); }
-inline float simd_sum(float v) {
-  uint sg = g_tid / 32;
-  g_group->slots[g_tid] = v;
-  g_group->simd[sg]->arrive_and_wait();
-  float s = 0.0f;
-  for (uint i = 0; i < 32; i++) s += g_group->slots[sg * 32 + i];
-  g_group->simd[sg]->arrive_and_wait();
-  return s;
-}
-inline float simd_max(float v) {
+template <class F> inline float simd_reduce(float v, F f) {  // every lane gets f folded over lanes 0..31
   uint sg = g_tid / 32;
   g_group->slots[g_tid] = v;
   g_group->simd[sg]->arrive_and_wait();
   float s = g_group->slots[sg * 32];
-  for (uint i = 1; i < 32; i++) s = g_group->slots[sg * 32 + i] > s ? g_group->slots[sg * 32 + i] : s;
+  for (uint i = 1; i < 32; i++) s = f(s, g_group->slots[sg * 32 + i]);
   g_group->simd[sg]->arrive_and_wait();
   return s;
 }
+inline float simd_sum(float v) { return simd_reduce(v, [](float a, float b) { return a + b; }); }
+inline float simd_max(float v) { return simd_reduce(v, [](float a, float b) { return b > a ? b : a; }); }
 #define METAL_FUNC inline
 #define THREADGROUP_PTR
 """
