@@ -78,7 +78,7 @@ def _args_swiglu(shape, dtype):
             [(*shape[:-1], I)], [dtype])
 
 
-QSDPA_CHUNK = 128  # cache positions per threadgroup of quant_sdpa (one per thread in its first phase)
+QSDPA_CHUNK = 128  # cache positions per threadgroup of quant_sdpa = its threads (CH in its body)
 
 
 @lru_cache(maxsize=512)
@@ -94,7 +94,7 @@ def _args_quant_sdpa(q_shape, dtype, kv_shape, bits, group_size):
 @lru_cache(maxsize=512)
 def _args_quant_sdpa_merge(q_shape, dtype):
     B, HQ, L, D = q_shape
-    return [("T", dtype), ("D", D)], (B * HQ * D, 1, 1), (D, 1, 1), [(B, HQ, 1, D)], [dtype]
+    return [("T", dtype), ("D", D)], (B * HQ * (D // 32) * 256, 1, 1), (256, 1, 1), [(B, HQ, 1, D)], [dtype]
 
 
 # The norms and swiglu take any leading dimensions (the bodies multiply them out): no reshapes.
