@@ -1,4 +1,5 @@
-"""The benchmark scripts: their Q4_K_M-like layout is the real file's; bench.py, bench_formats.py and bench_kv.py run.
+"""The benchmark scripts: their Q4_K_M-like layout is the real file's; bench.py, bench_formats.py, bench_kv.py and
+the probes (probe_batch_ops.py, probe_attention.py) run.
 
 (Speed itself lives in the scripts, never in tests: this only checks that they measure the
 right thing and run.)
@@ -116,3 +117,40 @@ def test_bench_kv_runs(tmp_path):
         assert "error" not in x, x  # quantized attention runs on the CPU
         assert len(x["decode_tps"]) == 2 and x["build_ms"] > 0
     assert rows["4bit", "qwen_mlx"]["kv_gb"] < rows["8bit", "qwen_mlx"]["kv_gb"] < rows["full", "qwen_mlx"]["kv_gb"]
+
+
+def test_probe_batch_ops_runs():
+    """probe_batch_ops.py at the tiny geometry: a line per operation and batch size, times positive."""
+    r = subprocess.run([sys.executable, str(SCRIPTS / "probe_batch_ops.py"), "--geometry", "tiny", "--batch", "1,3",
+                        "--prompt", "8", "--calls", "2", "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    blocks = r.stdout.split("B=")[1:]
+    assert [b.split()[0] for b in blocks] == ["1", "3"]
+    for b in blocks:
+        rows = [line for line in b.splitlines()[1:] if "/" in line]
+        assert len(rows) == 14 and "whole model step" in rows[-1], b
+        for line in rows:
+            build, total = (float(x) for x in line.rsplit(None, 3)[-3::2])
+            assert 0 < build <= total, line
+
+
+def test_probe_attention_runs_and_cleans_up(tmp_path):
+    """probe_attention.py through the CPU emulator (timings meaningless there): a line per kernel
+    body, the variant's copy among the shipped bodies removed afterwards, a clash refused."""
+    from metal_kernels import _core
+
+    shipped = sorted(p.name for p in _core.DIR.iterdir())
+    variant = tmp_path / "qsdpa_probe_variant.metal"
+    variant.write_text(_core.metal_file("quant_sdpa").read_text())
+    cmd = [sys.executable, str(SCRIPTS / "probe_attention.py"), "--backend", "cpu-emulator", "--context", "300",
+           "--calls", "1", "--repeats", "1", "--bits", "4", "--heads", "2,1", "--head-dim", "32", "--group-size", "32"]
+    r = subprocess.run(cmd + ["--variant", str(variant)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    names = [line.split()[2] for line in r.stdout.splitlines() if line.startswith("4-bit cache")]
+    assert names == ["quant_sdpa", "qsdpa_probe_variant", "bf16"], r.stdout
+    assert sorted(p.name for p in _core.DIR.iterdir()) == shipped
+    clash = tmp_path / "rms_norm.metal"
+    clash.write_text("")
+    r = subprocess.run(cmd + ["--variant", str(clash)], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "would replace a shipped kernel" in r.stderr
+    assert sorted(p.name for p in _core.DIR.iterdir()) == shipped
