@@ -158,18 +158,19 @@ def _no_tail(B, HKV, D, dtype):
     return t, t, 0
 
 
-def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, tail=None, **kw):
+def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, tail=None, body="quant_sdpa", **kw):
     """Decode attention (q [B, HQ, 1, D]) over the first `n` positions of a quantized cache's buffers
     (`keys`, `values`: mlx-lm QuantizedKVCache's (packed, scales, biases), [B, HKV, CAP, ...]) and
     the first nt positions of `tail` = (keys, values, nt) in q's dtype ([B, HKV, <= 128, D]; None:
     none): the kernel's per-chunk partial sums, then quant_sdpa_merge. `mask` must be None (one
-    query row sees all positions)."""
+    query row sees all positions). `body`: the first pass's file, metal_kernels/<body>.metal (a
+    variant with the same inputs and outputs: scripts/probe_attention.py compares them)."""
     if mask is not None or q.shape[2] != 1:
         raise ValueError("the quant_sdpa kernel takes one query position and no mask")
     tk, tv, nt = tail if tail is not None else _no_tail(q.shape[0], keys[0].shape[1], q.shape[-1], q.dtype)
     if tk.shape[2] > QSDPA_CHUNK:
         raise ValueError(f"the quant_sdpa kernel takes a tail of at most {QSDPA_CHUNK} positions")
-    part = _run("quant_sdpa", [q, keys[0], _as(keys[1], q.dtype), _as(keys[2], q.dtype), values[0],
+    part = _run(body, [q, keys[0], _as(keys[1], q.dtype), _as(keys[2], q.dtype), values[0],
                                _as(values[1], q.dtype), _as(values[2], q.dtype), _core.i32_scalar(int(n)),
                                _as(tk, q.dtype), _as(tv, q.dtype), _core.i32_scalar(int(nt)),
                                _core.f32_scalar(float(scale))],

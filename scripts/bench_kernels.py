@@ -96,18 +96,6 @@ def launches(fn) -> int:
     return sum(lb not in VIEWS for lb in labels)
 
 
-def per_call_us(fn, calls: int, repeats: int) -> float:
-    mx.eval(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        outs = [fn() for _ in range(calls)]
-        mx.eval(outs)
-        times.append((time.perf_counter() - t) / calls * 1e6)
-        del outs
-    return statistics.median(times)
-
-
 def bench_ops(calls, repeats):
     rows = []
     for shape, L in (("decode", 1), ("prefill", 512)):
@@ -118,8 +106,8 @@ def bench_ops(calls, repeats):
                 for path, fn in (("kernel", kern), ("reference", ref)):
                     call = lambda fn=fn: fn(*op_args)  # noqa: E731
                     row[f"{path}_launches"] = launches(call)
-                    row[f"{path}_us"] = per_call_us(call, calls, repeats)
-                    row[f"{path}_compiled_us"] = per_call_us(compiled(fn, op_args), calls, repeats)
+                    row[f"{path}_us"] = B.per_call_us(call, calls, repeats)[1]
+                    row[f"{path}_compiled_us"] = B.per_call_us(compiled(fn, op_args), calls, repeats)[1]
             except Exception as e:  # noqa: BLE001  (report it, go on with the other ops)
                 row["error"] = repr(e)
                 rows.append(row)

@@ -145,6 +145,23 @@ def decode_loop(step, cache, y: mx.array, n: int) -> float:
     return n / (time.perf_counter() - tic)
 
 
+def per_call_us(fn, calls: int, repeats: int) -> tuple[float, float]:
+    """(build, build + evaluation) microseconds per call of fn: `calls` calls are built (outputs
+    kept), then evaluated together, so host and GPU time overlap as in a decode loop; medians over
+    `repeats` such runs."""
+    mx.eval(fn())
+    build, total = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        outs = [fn() for _ in range(calls)]
+        built = time.perf_counter()
+        mx.eval(outs)
+        build.append((built - t) / calls * 1e6)
+        total.append((time.perf_counter() - t) / calls * 1e6)
+        del outs
+    return statistics.median(build), statistics.median(total)
+
+
 def spread(values: list[float]) -> dict:
     """median, min, max and the raw rounds."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": list(values)}

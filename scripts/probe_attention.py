@@ -9,7 +9,7 @@ host's cost. Here each call is fed the previous call's output (the attention out
 shape), so the calls run one after another on the GPU; the chain is timed at `--context` cache
 positions and at 128, and the difference (less the difference in graph-building time) is the GPU
 time the extra positions cost. Per case the fastest of `--repeats` chains of `--calls` calls.
-A variant is a .metal file with quant_sdpa's inputs, outputs and template (copied next to the
+A variant is a .metal file with quant_sdpa's inputs, outputs, template and grid (copied next to the
 shipped bodies for the run, under its file name, then removed).
 """
 
@@ -27,9 +27,6 @@ import mlx.core as mx
 from metal_kernels import _core
 from metal_kernels import kernels as KK
 
-NAMES = ("q", "kw", "ks", "kb", "vw", "vs", "vb", "n", "tk", "tv", "nt", "scale")
-
-
 def chain(step, q, calls: int) -> tuple[float, float]:
     """(host us, total us) per call of `calls` chained calls of step."""
     x = q
@@ -46,18 +43,6 @@ def chain(step, q, calls: int) -> tuple[float, float]:
     mx.synchronize()
     t2 = time.perf_counter()
     return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
-
-
-def quant_step(name, keys, values, n, bits, group, tail, scale, backend=None):
-    """One decode attention through kernel body `name` (metal_kernels/<name>.metal) and the merge."""
-    def step(q):
-        args = KK._args_quant_sdpa(tuple(q.shape), q.dtype, tuple(keys[0].shape), bits, group)
-        ins = [q, *keys, *values, _core.i32_scalar(n), tail[0], tail[1], _core.i32_scalar(tail[2]),
-               _core.f32_scalar(scale)]
-        part = KK._run(name, ins, NAMES, ("o", "m", "l"), args, backend=backend)
-        return KK._run("quant_sdpa_merge", list(part), ("o", "m", "l"), ("out",),
-                       KK._args_quant_sdpa_merge(tuple(q.shape), q.dtype), backend=backend)[0]
-    return step
 
 
 def main():
@@ -95,11 +80,12 @@ def main():
                 V = mx.random.normal((1, hkv, cap, D)).astype(dt)
                 keys, values = mx.quantize(K, a.group_size, bits), mx.quantize(V, a.group_size, bits)
                 mx.eval(q, K, V, keys, values, tail[:2])
-                steps = {k: quant_step(k, keys, values, n - 64, bits, a.group_size, tail, scale, a.backend)
-                         for k in kernels}
-                steps["bf16 sdpa"] = (lambda K, V, n: lambda x: mx.fast.scaled_dot_product_attention(
-                    x, K[..., :n, :], V[..., :n, :], scale=scale))(K, V, n)
-                for k, step in steps.items():
+                kw = {"backend": a.backend} if a.backend else {}
+                steps = {k: lambda x, k=k: KK.quant_sdpa(x, keys, values, n - 64, scale, bits, a.group_size,
+                                                        tail=tail, body=k, **kw) for k in kernels}
+                steps["bf16 sdpa"] = lambda x: mx.fast.scaled_dot_product_attention(
+                    x, K[..., :n, :], V[..., :n, :], scale=scale)
+                for k, step in steps.items():  # used before the next n rebinds K, V, n
                     runs = [chain(step, q, a.calls) for _ in range(a.repeats)]
                     res[k, n] = (min(r[0] for r in runs), min(r[1] for r in runs))
             for k in steps:

@@ -3,9 +3,9 @@
     python scripts/probe_batch_ops.py --batch 1,8,32,128
 
 Random weights (`--geometry`, bf16 on a GPU, float32 on a CPU), mlx-lm's BatchKVCache after a
-`--prompt`-token prefill of B rows. Per operation: `--calls` independent calls are built, then
-evaluated together; the median over `--repeats` of (build time) and (build + evaluation time) per
-call. Last, the whole model step as qwen_mlx.batch runs it (the padding mask, the forward of one
+`--prompt`-token prefill of B rows. Per operation (benchlib.per_call_us): `--calls` independent calls
+are built, then evaluated together; the median over `--repeats` of (build time) and (build +
+evaluation time) per call. Last, the whole model step as qwen_mlx.batch runs it (the padding mask, the forward of one
 token per row, log-softmax and argmax over the vocabulary), built and evaluated alone, median of 10.
 """
 
@@ -22,20 +22,6 @@ from mlx_lm.models.cache import BatchKVCache
 
 import metal_kernels as K
 from qwen_mlx.generation import log_softmax
-
-
-def per_call(f, calls: int, repeats: int) -> tuple[float, float]:
-    mx.eval([f() for _ in range(4)])
-    runs = []
-    for _ in range(repeats):
-        mx.synchronize()
-        t0 = time.perf_counter()
-        outs = [f() for _ in range(calls)]
-        t1 = time.perf_counter()
-        mx.eval(outs)
-        mx.synchronize()
-        runs.append(((t1 - t0) / calls * 1e6, (time.perf_counter() - t0) / calls * 1e6))
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def main():
@@ -86,7 +72,7 @@ def main():
         }
         print(f"B={b}  (us per call: build / build + evaluation)", flush=True)
         for name, f in ops.items():
-            h, t = per_call(f, a.calls, a.repeats)
+            h, t = B.per_call_us(f, a.calls, a.repeats)
             print(f"  {name:28s} {h:8.1f} / {t:9.1f}", flush=True)
         y = mx.zeros((b,), mx.uint32)
         times = []

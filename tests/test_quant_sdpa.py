@@ -80,8 +80,8 @@ def check(out, answer, dtype, what, score_u=2.0 ** -21):
 
 
 CASES = [  # B, HKV, NREP, D, bits, group, n, tail: one chunk; several with empty chunks; 2-bit; GQA 7 and 8;
-    (1, 2, 7, 64, 4, 32, 37, 0),   # head dims 64, 128, 32 (16, 32 and 8 threads per V row in the kernel,
-    (2, 1, 3, 128, 8, 64, 300, 5),  # 4, 2 and 8 per output element in the merge); tails empty, partial,
+    (1, 2, 7, 64, 4, 32, 37, 0),   # head dims 64, 128, 32 (16, 32 and 8 threads per V row in the kernel;
+    (2, 1, 3, 128, 8, 64, 300, 5),  # 2, 4 and 1 merge threadgroups per head); tails empty, partial,
     (1, 2, 8, 128, 2, 64, 5, 128),  # full; 67 chunks: the merge's loop of eight chunks at a time
     (1, 1, 1, 32, 4, 32, 1, 1),
     (1, 1, 2, 32, 8, 32, 8300, 3),
