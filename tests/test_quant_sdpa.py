@@ -2,14 +2,27 @@
 
 The exact answer is float64 numpy over the cache dequantized in float64 from its packed integers,
 scales and biases (the values the kernel computes with). Fresh seeded inputs each run (the seed is
-printed). Tolerance, from the dtypes: |error| <= 2^-p max|out| (the output rounded to the input dtype:
-p = 22 for float32, leaving room for float32 accumulation; 7 for bfloat16, one ulp: rounding alone
-may take half an ulp, 2^-8 |out| just above a power of two) + 2 u max|s| max|v|: a
-score error of u |s| scales the softmax weights by up to e^(u|s|), which moves the output by at most
-twice that times max|v|. The kernel computes scores in float32 (u = 2^-21: 8 units of roundoff for
-a dot product summed in partial sums); the reference (dequantize to the input dtype, then
-mx.fast.scaled_dot_product_attention) rounds K and V to the input dtype and, on the CPU, the scores
-too (u = 2^-8 in bfloat16).
+printed). Tolerance, from the dtypes and the arithmetic, per output element
+|error| <= 2^-p max|out| + (e^(2e) - 1) sum p |v - out| + w e^(2e) sum p |v| (p: the exact weights):
+- 2^-p max|out|: the output rounded to the input dtype (p = 22 for float32, leaving room for the
+  last division; 7 for bfloat16, one ulp: rounding alone may take half an ulp, 2^-8 |out| just above
+  a power of two);
+- e bounds every score's error: scores off by at most e scale each softmax weight by a factor
+  within e^(+-2e), and since both sets of weights sum to 1 the output sum p v moves by at most
+  (e^(2e) - 1) sum p |v - out|;
+- w bounds the relative rounding of the weights and of the sums over positions.
+u = 2^-24 (float32's unit roundoff). The kernel dequantizes each key in float32 (one rounding),
+multiplies it by q * scale (rounded once) and adds the products one after another, d = 0, 1, ...:
+e = u (R + 3A), A = sum_d |q_d k_d| scale, R = the sum of the running sum's magnitudes (each
+addition rounds it once), both maxima over heads and positions (not u |s|: the terms cancel, |s| can
+be far below A); w = 2 u (128 + N/128 + 27): a weight's exp (at most 8 ulps), at most 128 positions
+summed in a chunk, the N/128 + 1 chunks merged, the division. The reference (mlx's dequantize, then
+mx.fast.scaled_dot_product_attention, which on the CPU multiplies q by scale in the input dtype,
+takes the scores with a matmul, a precise softmax, and a second matmul) is checked in two steps: its
+dequantized keys and values against float64 (2 u' (|s q| + |b|), u' the dtype's unit roundoff), then
+its attention against float64 over exactly those operands: e = u' max|s| + (D + 1) u A (the score
+rounded to the dtype after a float32 sum in any order), w = 2 u' + (N + 2) u (the weights rounded,
+a float32 matmul over N positions).
 
 CPU: the reference against mlx-lm's quantized attention and float64; the kernel body through
 metal_kernels.cpu_emulator; the Metal source MLX would compile. GPU (@pytest.mark.gpu): the kernel
@@ -40,43 +53,78 @@ def rng():
 
 
 def np_dequant(packed, scales, biases, bits, group_size):
-    """float64 values of an MLX affine-quantized array [..., D*bits/32] (low bits first)."""
+    """float64 values of an MLX affine-quantized array [..., D*bits/32] (low bits first), and the
+    magnitudes |scale * q| + |bias| their float rounding is relative to."""
     per = 32 // bits
     w = np.array(packed).astype(np.uint64)
     q = np.stack([(w >> (bits * i)) & ((1 << bits) - 1) for i in range(per)], axis=-1)
     q = q.reshape(*w.shape[:-1], -1).astype(np.float64)
     f = lambda a: np.repeat(np.array(a.astype(mx.float32)).astype(np.float64), group_size, axis=-1)
-    return q * f(scales) + f(biases)
+    return q * f(scales) + f(biases), np.abs(q * f(scales)) + np.abs(f(biases))
+
+
+def attend(qs, k, v):
+    """float64 attention of the scaled queries qs [B, HKV, NREP, 1, D] over k, v [B, HKV, N, D]: the
+    output [B, HKV*NREP, 1, D] and the sizes the tolerances need (the module docstring)."""
+    B, HKV, NREP, _, D = qs.shape
+    s = np.einsum("bhrld,bhnd->bhrln", qs, k)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = np.einsum("bhrln,bhnd->bhrld", p, v)
+    a = r = 0.0
+    dev, mav = np.zeros_like(o), np.zeros_like(o)
+    for j in range(0, k.shape[2], 1024):  # [b, h, r, l, n, d], 1024 positions at a time
+        prod, pj = qs[..., None, :] * k[:, :, None, None, j:j + 1024, :], p[..., j:j + 1024]
+        a, r = max(a, np.abs(prod).sum(-1).max()), max(r, np.abs(np.cumsum(prod, -1)).sum(-1).max())
+        dev += np.einsum("bhrln,bhrlnd->bhrld", pj, np.abs(v[:, :, None, None, j:j + 1024] - o[..., None, :]))
+        mav += np.einsum("bhrln,bhnd->bhrld", pj, np.abs(v[:, :, j:j + 1024]))
+    out, dev, mav = (x.reshape(B, HKV * NREP, 1, D) for x in (o, dev, mav))
+    return out, dict(s=np.abs(s).max(), a=a, r=r, dev=dev, mav=mav, n=k.shape[2], d=D)
 
 
 def make_case(g, dtype, B, HKV, NREP, D, bits, gs, n, nt=0):
     """A QuantizedKVCache holding n random positions, a full-precision tail (capacity 128, as
     qwen_mlx.kv_cache.BlockQuantizedKVCache's) holding nt more (None if 0), a decode query, and the
-    float64 answer over all n + nt positions."""
+    float64 answer over all n + nt positions (attend's)."""
     cache = QuantizedKVCache(group_size=gs, bits=bits)
     kv = [mx.array(s * g.standard_normal((B, HKV, n, D)), dtype) for s in (3.0, 1.0)]
     cache.update_and_fetch(*kv)
     q = mx.array(g.standard_normal((B, HKV * NREP, 1, D)), dtype)
     scale = D ** -0.5
-    k, v = (np_dequant(*(a[..., :n, :] for a in t), bits, gs) for t in (cache.keys, cache.values))
+    k, v = (np_dequant(*(a[..., :n, :] for a in t), bits, gs)[0] for t in (cache.keys, cache.values))
     tail = None
     if nt:
         tail = tuple(mx.array(s * g.standard_normal((B, HKV, 128, D)), dtype) for s in (3.0, 1.0)) + (nt,)
-        f64 = lambda a: np.array(a[..., :nt, :].astype(mx.float32)).astype(np.float64)
-        k, v = np.concatenate([k, f64(tail[0])], axis=2), np.concatenate([v, f64(tail[1])], axis=2)
-    qq = np.array(q.astype(mx.float32)).astype(np.float64).reshape(B, HKV, NREP, 1, D)
-    s = np.einsum("bhrld,bhnd->bhrln", qq, k) * scale
-    p = np.exp(s - s.max(-1, keepdims=True))
-    exact = np.einsum("bhrln,bhnd->bhrld", p / p.sum(-1, keepdims=True), v).reshape(B, HKV * NREP, 1, D)
-    return q, cache, scale, (exact, np.abs(s).max() * np.abs(v).max()), tail  # sv: the scores' term (docstring)
+        k, v = (np.concatenate([a, f64(t[..., :nt, :])], axis=2) for a, t in ((k, tail[0]), (v, tail[1])))
+    return q, cache, scale, attend(f64(q).reshape(B, HKV, NREP, 1, D) * scale, k, v), tail
 
 
-def check(out, answer, dtype, what, score_u=2.0 ** -21):
-    exact, sv = answer
-    got = np.array(out.astype(mx.float32)).astype(np.float64)
+def f64(a):
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+U = {mx.float32: 2.0 ** -24, mx.bfloat16: 2.0 ** -8}  # unit roundoff
+
+
+def tolerance(answer, dtype, sdpa=False):
+    """Per output element, the kernel's tolerance or (sdpa) the reference's attention step's
+    (module docstring)."""
+    exact, z = answer
+    u, ud = 2.0 ** -24, U[dtype]
+    if sdpa:
+        e, w = ud * z["s"] + (z["d"] + 1) * u * z["a"], 2 * ud + (z["n"] + 2) * u
+    else:
+        e, w = u * (z["r"] + 3 * z["a"]), 2 * u * (128 + z["n"] // 128 + 27)
+    grow = np.expm1(2 * e)  # how far the weights move, relative
+    return 2.0 ** -P[dtype] * np.abs(exact).max() + grow * z["dev"] + w * (1 + grow) * z["mav"]
+
+
+def check(out, answer, dtype, what, sdpa=False):
+    exact, got = answer[0], f64(out)
     assert out.dtype == dtype and got.shape == exact.shape, what
-    err, tol = np.abs(got - exact).max(), 2.0 ** -P[dtype] * np.abs(exact).max() + 2 * score_u * sv
-    assert np.isfinite(got).all() and err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
+    err, tol = np.abs(got - exact), tolerance(answer, dtype, sdpa)
+    i = np.unravel_index(np.argmax(err - tol), err.shape)
+    assert np.isfinite(got).all() and (err <= tol).all(), f"{what}: error {err[i]:.3g} > {tol[i]:.3g} at {i}"
 
 
 CASES = [  # B, HKV, NREP, D, bits, group, n, tail: one chunk; several with empty chunks; 2-bit; GQA 7 and 8;
@@ -94,9 +142,20 @@ def test_reference_matches_float64_and_mlx_lm(dtype):
     g = rng()
     for B, HKV, NREP, D, bits, gs, n, nt in CASES:
         q, cache, scale, exact, tail = make_case(g, dtype, B, HKV, NREP, D, bits, gs, n, nt)
+        what = f"reference {dtype} {bits}-bit n={n} tail {nt}"
         ref = R.quant_sdpa(q, cache.keys, cache.values, cache.offset, scale, bits, gs, tail=tail)
-        check(ref, exact, dtype, f"reference {dtype} {bits}-bit n={n} tail {nt}",
-              score_u=2.0 ** -21 if dtype == mx.float32 else 2.0 ** -8)
+        # its two steps: dequantize (to the dtype), then attention over exactly those operands
+        kv = []
+        for t in (cache.keys, cache.values):
+            parts = tuple(a[..., :n, :] for a in t)
+            want, mag = np_dequant(*parts, bits, gs)
+            got = f64(mx.dequantize(*parts, group_size=gs, bits=bits).astype(dtype))
+            assert (np.abs(got - want) <= 2 * U[dtype] * mag).all(), what + " dequantized"
+            kv.append(got)
+        if nt:
+            kv = [np.concatenate([a, f64(t[..., :nt, :])], axis=2) for a, t in zip(kv, tail)]
+        qs = f64(mx.array(scale, dtype) * q).reshape(B, HKV, NREP, 1, D)
+        check(ref, attend(qs, *kv), dtype, what, sdpa=True)
         k, v = (tuple(a[..., :n, :] for a in t) for t in (cache.keys, cache.values))
         theirs = scaled_dot_product_attention(q + 0, k, v, cache=cache, scale=scale, mask=None)  # scales q in place
         if dtype == mx.float32 and not nt:

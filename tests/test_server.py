@@ -511,14 +511,17 @@ def test_server_under_mlx_launch(tiny_path, tiny_server, tmp_path):
         with ThreadPoolExecutor(3) as pool:  # concurrent: they share the launched server's batched steps
             got = list(pool.map(lambda kw: ask(s, kw), reqs))
         assert got == want
-        stream = s.client().chat.completions.create(model="any", messages=MSGS[3], max_tokens=TINY_MAX_TOKENS,
+        # long enough that it is still generating when the client goes (24 tokens of the tiny model
+        # can all be sent before the close, and then there is nothing left to cancel)
+        stream = s.client().chat.completions.create(model="any", messages=MSGS[3], max_tokens=TINY_CONTEXT // 2,
                                                     stream=True)
         next(iter(stream))
+        assert s.health()["active"] == 1
         stream.close()  # the client goes away: rank 0 cancels, and tells the other rank
         deadline = time.monotonic() + 30
         while s.health()["cancelled"] < 1 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert s.health()["cancelled"] == 1
+        assert s.health()["cancelled"] == 1 and s.health()["completed"] == len(reqs)
         assert [ask(s, kw) for kw in reqs[:2]] == want[:2]
     finally:
         s.proc.terminate()
