@@ -12,11 +12,12 @@ printed). Tolerance, from the dtypes and the arithmetic, per output element
   (e^(2e) - 1) sum p |v - out|;
 - w bounds the relative rounding of the weights and of the sums over positions.
 u = 2^-24 (float32's unit roundoff). The kernel dequantizes each key in float32 (one rounding),
-multiplies it by q * scale (rounded once) and adds the products one after another, d = 0, 1, ...:
-e = u (R + 3A), A = sum_d |q_d k_d| scale, R = the sum of the running sum's magnitudes (each
-addition rounds it once), both maxima over heads and positions (not u |s|: the terms cancel, |s| can
-be far below A); w = 2 u (128 + N/128 + 27): a weight's exp (at most 8 ulps), at most 128 positions
-summed in a chunk, the N/128 + 1 chunks merged, the division. The reference (mlx's dequantize, then
+multiplies it by q * scale (two: scale held in float32, then the product), rounds that product,
+and adds the products one after another, d = 0, 1, ...: e = u (R + 4A), A = sum_d |q_d k_d| scale,
+R = the sum of the running sum's magnitudes (each addition rounds it once), both maxima over heads
+and positions (not u |s|: the terms cancel, |s| can be far below A); w = 2 u (128 + N/128 + 27):
+a weight's exp (at most 8 ulps), at most 128 positions summed in a chunk, the N/128 + 1 chunks
+merged, the division. The reference (mlx's dequantize, then
 mx.fast.scaled_dot_product_attention, which on the CPU multiplies q by scale in the input dtype,
 takes the scores with a matmul, a precise softmax, and a second matmul) is checked in two steps: its
 dequantized keys and values against float64 (2 u' (|s q| + |b|), u' the dtype's unit roundoff), then
@@ -114,7 +115,7 @@ def tolerance(answer, dtype, sdpa=False):
     if sdpa:
         e, w = ud * z["s"] + (z["d"] + 1) * u * z["a"], 2 * ud + (z["n"] + 2) * u
     else:
-        e, w = u * (z["r"] + 3 * z["a"]), 2 * u * (128 + z["n"] // 128 + 27)
+        e, w = u * (z["r"] + 4 * z["a"]), 2 * u * (128 + z["n"] // 128 + 27)
     grow = np.expm1(2 * e)  # how far the weights move, relative
     return 2.0 ** -P[dtype] * np.abs(exact).max() + grow * z["dev"] + w * (1 + grow) * z["mav"]
 
