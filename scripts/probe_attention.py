@@ -27,6 +27,7 @@ import mlx.core as mx
 from metal_kernels import _core
 from metal_kernels import kernels as KK
 
+
 def chain(step, q, calls: int) -> tuple[float, float]:
     """(host us, total us) per call of `calls` chained calls of step."""
     x = q

@@ -44,7 +44,7 @@ from metal_kernels import _core, cpu_emulator
 from metal_kernels import kernels as KK
 from metal_kernels import reference as R
 
-from test_kernels import CUDA_NAMES, metal_source  # noqa: E402  (tests/ is on sys.path)
+from test_kernels import CUDA_NAMES, f64, metal_source  # noqa: E402  (tests/ is on sys.path)
 
 
 def rng():
@@ -98,10 +98,6 @@ def make_case(g, dtype, B, HKV, NREP, D, bits, gs, n, nt=0):
         tail = tuple(mx.array(s * g.standard_normal((B, HKV, 128, D)), dtype) for s in (3.0, 1.0)) + (nt,)
         k, v = (np.concatenate([a, f64(t[..., :nt, :])], axis=2) for a, t in ((k, tail[0]), (v, tail[1])))
     return q, cache, scale, attend(f64(q).reshape(B, HKV, NREP, 1, D) * scale, k, v), tail
-
-
-def f64(a):
-    return np.array(a.astype(mx.float32)).astype(np.float64)
 
 
 U = {mx.float32: 2.0 ** -24, mx.bfloat16: 2.0 ** -8}  # unit roundoff

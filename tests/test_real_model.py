@@ -52,13 +52,18 @@ def ours(real_model):
     return real_model
 
 
+def hf_prompt_ids(tok, prompt, chat: bool) -> list:
+    """transformers' token ids of a reference prompt (the chat template with the generation prompt)."""
+    ids = (tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+           if chat else tok.encode(prompt, add_special_tokens=False))
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
 def transformers_references(model, tok, with_logits: bool = True) -> list:
     """For each prompt: (prompt ids, transformers' 48 greedy tokens, its logits at every position or None)."""
     refs = []
     for prompt, chat in PROMPTS:
-        ids = (tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-               if chat else tok.encode(prompt, add_special_tokens=False))
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        ids = hf_prompt_ids(tok, prompt, chat)
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
@@ -76,9 +81,7 @@ def references(hf, real_model, real_greedy):
     model, tok = hf
     refs = []
     for (prompt, chat), (_, new) in zip(PROMPTS, real_greedy):
-        ids = (tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-               if chat else tok.encode(prompt, add_special_tokens=False))
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)  # transformers' own tokenization
+        ids = hf_prompt_ids(tok, prompt, chat)  # transformers' own tokenization
         new = until_eos(new, real_model[1].eos_token_ids)  # where stream_generate stops
         with torch.no_grad():
             logits = model(torch.tensor([ids + new])).logits[0].float().numpy()
