@@ -8,6 +8,7 @@
     q, k, v = K.qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.0)
     K.swiglu(gate_up)                           # silu(gate) * up
     K.quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, tail=None)  # attention over a quantized KV cache
+    K.batch_sdpa(q, keys, values, start, n, scale)  # decode attention, row b over positions start[b] .. n-1
 
 Each op is a Metal kernel body (metal_kernels/<op>.metal) run by `mx.fast.metal_kernel` on
 Apple GPUs and, through msl_compat.h, by `mx.fast.cuda_kernel` on NVIDIA GPUs; elsewhere
@@ -32,7 +33,7 @@ import mlx.core as mx
 from . import kernels, reference
 from ._core import gpu_backend
 
-__all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "quant_sdpa", "runs_quant_sdpa", "set_backend", "mode", "backend", "USE",
+__all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "quant_sdpa", "runs_quant_sdpa", "batch_sdpa", "runs_batch_sdpa", "set_backend", "mode", "backend", "USE",
            "SHIPPED", "shipped", "set_table", "reset_table", "describe", "kernels", "reference"]
 
 # When each op runs its kernel: op -> None (never) or (min_rows, max_rows), the kernel running for calls
@@ -206,3 +207,27 @@ def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, tail=None
     kernel = _mode != "reference" and runs_quant_sdpa()
     impl = kernels if kernel and q.size and quant_sdpa_fits(q, keys, bits, mask) else reference
     return impl.quant_sdpa(q, keys, values, n, scale, bits, group_size, mask, tail)
+
+
+# Batched decode attention with left padding is not a table entry either: on CUDA, MLX 0.32.4 has no
+# fused attention for a query with an array mask (its fallback, matmuls and a softmax, cost 2-9x the
+# unmasked kernel at B = 8-128 on an H200), so the kernel runs there; on Metal MLX's vector kernel
+# takes the mask (the reference runs unless set_backend('kernels')); on the CPU the reference runs.
+def runs_batch_sdpa() -> bool:
+    """Whether padded batched decode attention goes through the `batch_sdpa` kernel."""
+    if _mode == "reference" or mx.default_device() != mx.gpu:
+        return False
+    g = gpu_backend()
+    return g == "cuda" or (g == "metal" and _mode == "kernels")
+
+
+def batch_sdpa_fits(q, keys) -> bool:
+    """Whether the batch_sdpa kernel takes this call: one query position, head dim 32, 64 or 128, at
+    most 8 query heads per KV head."""
+    hq, hkv, d = q.shape[1], keys.shape[1], q.shape[-1]
+    return q.shape[2] == 1 and d in (32, 64, 128) and hq % hkv == 0 and hq // hkv <= 8
+
+
+def batch_sdpa(q, keys, values, start, n, scale):
+    impl = kernels if runs_batch_sdpa() and q.size and batch_sdpa_fits(q, keys) else reference
+    return impl.batch_sdpa(q, keys, values, start, n, scale)

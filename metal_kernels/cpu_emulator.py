@@ -81,6 +81,7 @@ template <class F> inline float simd_reduce(float v, F f) {  // every lane gets 
 }
 inline float simd_sum(float v) { return simd_reduce(v, [](float a, float b) { return a + b; }); }
 inline float simd_max(float v) { return simd_reduce(v, [](float a, float b) { return b > a ? b : a; }); }
+template <typename T, typename U> inline T as_type(U x) { static_assert(sizeof(T) == sizeof(U)); T y; std::memcpy(&y, &x, sizeof(T)); return y; }
 #define METAL_FUNC inline
 #define THREADGROUP_PTR
 """

@@ -97,6 +97,16 @@ def _args_quant_sdpa_merge(q_shape, dtype):
     return [("T", dtype), ("D", D)], (B * HQ * (D // 32) * 256, 1, 1), (256, 1, 1), [(B, HQ, 1, D)], [dtype]
 
 
+@lru_cache(maxsize=512)
+def _args_batch_sdpa(q_shape, dtype, kv_shape):
+    B, HQ, L, D = q_shape
+    _, HKV, CAP, _ = kv_shape
+    nc = -(-CAP // QSDPA_CHUNK)
+    return ([("T", dtype), ("D", D), ("NREP", HQ // HKV), ("HKV", HKV)],
+            (B * HKV * nc * QSDPA_CHUNK, 1, 1), (QSDPA_CHUNK, 1, 1), [(B, HQ, nc, D), (B, HQ, nc), (B, HQ, nc)],
+            [mx.float32] * 3)
+
+
 # The norms and swiglu take any leading dimensions (the bodies multiply them out): no reshapes.
 def rms_norm(x, weight, eps, **kw):
     (y,) = _run("rms_norm", [x, _as(weight, x.dtype), _core.f32_scalar(eps)], ("x", "w", "eps"), ("y",),
@@ -176,6 +186,21 @@ def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, tail=None
                                _core.f32_scalar(float(scale))],
                 ("q", "kw", "ks", "kb", "vw", "vs", "vb", "n", "tk", "tv", "nt", "scale"), ("o", "m", "l"),
                 _args_quant_sdpa(tuple(q.shape), q.dtype, tuple(keys[0].shape), bits, group_size), **kw)
+    (out,) = _run("quant_sdpa_merge", list(part), ("o", "m", "l"), ("out",),
+                  _args_quant_sdpa_merge(tuple(q.shape), q.dtype), **kw)
+    return out
+
+
+def batch_sdpa(q, keys, values, start, n, scale, **kw):
+    """Decode attention (q [B, HQ, 1, D]) of a batch whose row b sees positions start[b] .. n-1 of the
+    cache buffers `keys`, `values` [B, HKV, CAP, D] (mlx-lm BatchKVCache's keys / values and
+    left_padding): the kernel's per-chunk partial sums, then quant_sdpa_merge."""
+    if q.shape[2] != 1:
+        raise ValueError("the batch_sdpa kernel takes one query position")
+    part = _run("batch_sdpa", [q, _as(keys, q.dtype), _as(values, q.dtype), _as(start, mx.int32),
+                               _core.i32_scalar(int(n)), _core.f32_scalar(float(scale))],
+                ("q", "k", "v", "start", "n", "scale"), ("o", "m", "l"),
+                _args_batch_sdpa(tuple(q.shape), q.dtype, tuple(keys.shape)), **kw)
     (out,) = _run("quant_sdpa_merge", list(part), ("o", "m", "l"), ("out",),
                   _args_quant_sdpa_merge(tuple(q.shape), q.dtype), **kw)
     return out

@@ -11,6 +11,7 @@
 //     they are expressions over threadIdx / blockIdx / blockDim / gridDim);
 //   - threadgroup_barrier(mem_flags::...), simd_sum / simd_max / simd_min,
 //     simd_shuffle_xor / simd_shuffle / simd_broadcast (SIMD-group = warp of 32);
+//   - as_type<uint>(float), as_type<float>(uint);
 //   - metal:: math (float): rsqrt, sqrt, exp, exp2, log, log2, cos, sin, abs,
 //     fabs, max, min, fma, and metal::precise:: / metal::fast:: variants.
 // Only what the kernels in this package use is mapped: extend it as needed.
@@ -99,6 +100,12 @@ template <typename U>
 __device__ __forceinline__ U simd_shuffle(U x, unsigned short lane) {
   return __shfl_sync(0xffffffffu, x, lane);
 }
+// @provides as_type
+// as_type<uint>(float) and as_type<float>(uint): Metal's bit reinterpretation (threadgroup memory
+// of one type holding another's values).
+template <typename T, typename U> __device__ __forceinline__ T as_type(U x);
+template <> __device__ __forceinline__ unsigned int as_type<unsigned int, float>(float x) { return __float_as_uint(x); }
+template <> __device__ __forceinline__ float as_type<float, unsigned int>(unsigned int x) { return __uint_as_float(x); }
 // @provides simd_broadcast
 template <typename U>
 __device__ __forceinline__ U simd_broadcast(U x, unsigned short lane) {

@@ -71,3 +71,11 @@ def quant_sdpa(q: mx.array, keys: tuple, values: tuple, n: int, scale: float, bi
     if tail is not None and tail[2]:
         k, v = (mx.concatenate([a, t[..., :tail[2], :].astype(q.dtype)], axis=2) for a, t in ((k, tail[0]), (v, tail[1])))
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def batch_sdpa(q: mx.array, keys: mx.array, values: mx.array, start: mx.array, n: int, scale: float) -> mx.array:
+    """Decode attention of q [B, HQ, 1, D] for a batch whose row b attends to positions start[b] .. n-1
+    of the cache buffers `keys`, `values` [B, HKV, CAP, D] (mlx-lm BatchKVCache's, `start` its
+    left_padding): `mx.fast.scaled_dot_product_attention` with the padding as a boolean mask."""
+    mask = (mx.arange(n)[None] >= start.reshape(-1, 1))[:, None, None, :]
+    return mx.fast.scaled_dot_product_attention(q, keys[..., :n, :], values[..., :n, :], scale=scale, mask=mask)

@@ -50,7 +50,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, RotatingKVCache
 from mlx_lm.models.rope_utils import YarnRoPE, initialize_rope
 
 import metal_kernels as K
@@ -196,6 +196,9 @@ class Attention(nn.Module):
         if hasattr(cache, "bits") and (tail is not None or K.runs_quant_sdpa()):  # quantized KV on CUDA: MLX has
             o = K.quant_sdpa(q, cache.keys, cache.values, cache.offset - (tail[2] if tail else 0),  # no quantized
                              self.scale, cache.bits, cache.group_size, mask, tail)  # matmul for mlx-lm's path
+        elif L == 1 and type(cache) is BatchKVCache and K.runs_batch_sdpa():  # a padded batch's decode step on
+            # CUDA (MLX has no fused attention with a mask there): rows start at their left padding
+            o = K.batch_sdpa(q, cache.keys, cache.values, cache.left_padding, k.shape[2], self.scale)
         else:
             o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         o = tap(name + "attn_out", o.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -1,5 +1,5 @@
 """The benchmark scripts: their Q4_K_M-like layout is the real file's; bench.py, bench_formats.py, bench_kv.py and
-the probes (probe_batch_ops.py, probe_attention.py) run.
+the probes (probe_batch_ops.py, probe_batch_step.py, probe_attention.py) run.
 
 (Speed itself lives in the scripts, never in tests: this only checks that they measure the
 right thing and run.)
@@ -131,6 +131,24 @@ def test_probe_batch_ops_runs():
         assert len(rows) == 14 and "whole model step" in rows[-1], b
         for line in rows:
             build, total = (float(x) for x in line.rsplit(None, 3)[-3::2])
+            assert 0 < build <= total, line
+
+
+def test_probe_batch_step_runs(tiny_gguf):
+    """probe_batch_step.py at the tiny geometry: per batch size its seven timings, each positive and
+    no shorter than the graph building inside it."""
+    r = subprocess.run([sys.executable, str(SCRIPTS / "probe_batch_step.py"), "--geometry", "tiny", "--batch", "1,3",
+                        "--prompt", "8", "--steps", "2", "--tokenizer", str(tiny_gguf(seed=5))],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    blocks = r.stdout.split("\nB=")[1:]
+    assert [b.split(":")[0] for b in blocks] == ["1", "3"]
+    for b in blocks:
+        rows = [line for line in b.splitlines()[1:] if "build" in line]
+        assert len(rows) == 7, b
+        for line in rows:
+            total = float(line.split("(")[0].split()[-1])
+            build = float(line.split("build")[1].split(",")[0].strip(" )"))
             assert 0 < build <= total, line
 
 
