@@ -78,18 +78,21 @@ def bench_model(label, ours, ref, tok, batches, plen, gen, rounds, rng_seed=0):
     for B in batches:
         vocab = min(151000, ours.args.vocab_size)  # ordinary tokens (Qwen's specials start at 151643)
         prompts = mx.random.randint(0, vocab, (B, plen), key=mx.random.key(rng_seed + B)).tolist()
-        tic = time.perf_counter()
+        warm = {}
         for lib, m in libs.items():  # warm-up: kernels, allocator, compiled shapes
+            tic = time.perf_counter()
             run(lib, m, tok, prompts, min(gen, 4), B)
-        print(f"  ({label}, B={B}: warm-up {time.perf_counter() - tic:.1f} s)", flush=True)
+            warm[lib] = time.perf_counter() - tic
+        print(f"  ({label}, B={B}: warm-up ours {warm['ours']:.1f} s, mlx-lm {warm['mlx_lm']:.1f} s)", flush=True)
         res = {lib: [] for lib in libs}
         for r in range(rounds):
             for lib in (libs if r % 2 == 0 else reversed(list(libs))):
                 res[lib].append(run(lib, libs[lib], tok, prompts, gen, B))
-        row = dict(model=label, B=B, prompt=plen, gen=gen, rounds=rounds)
+        row = dict(model=label, B=B, prompt=plen, gen=gen, rounds=rounds, warmup_s=warm)
         for lib in libs:
             for k in ("decode_tps", "e2e_tps", "peak_gb"):
                 row[f"{lib}_{k}"] = med([x[k] for x in res[lib]])
+            row[f"{lib}_rounds"] = res[lib]  # every round, as measured
         rows.append(row)
         one = next(x for x in rows if x["model"] == label and x["B"] == 1) if 1 in batches else None
         d, m_ = row["ours_decode_tps"], row["mlx_lm_decode_tps"]

@@ -1,5 +1,5 @@
-"""The benchmark scripts: their Q4_K_M-like layout is the real file's; bench.py, bench_formats.py, bench_kv.py and
-the probes (probe_batch_ops.py, probe_batch_step.py, probe_attention.py) run.
+"""The benchmark scripts: their Q4_K_M-like layout is the real file's; bench.py, bench_formats.py, bench_kv.py,
+bench_batch.py and the probes (probe_batch_ops.py, probe_batch_step.py, probe_attention.py) run.
 
 (Speed itself lives in the scripts, never in tests: this only checks that they measure the
 right thing and run.)
@@ -117,6 +117,23 @@ def test_bench_kv_runs(tmp_path):
         assert "error" not in x, x  # quantized attention runs on the CPU
         assert len(x["decode_tps"]) == 2 and x["build_ms"] > 0
     assert rows["4bit", "qwen_mlx"]["kv_gb"] < rows["8bit", "qwen_mlx"]["kv_gb"] < rows["full", "qwen_mlx"]["kv_gb"]
+
+
+def test_bench_batch_runs(tiny_gguf, tmp_path):
+    """bench_batch.py at the tiny geometry: a row per batch size, both libraries' rounds kept with
+    their warm-up times, medians within each spread."""
+    out = tmp_path / "bb.json"
+    r = subprocess.run([sys.executable, str(SCRIPTS / "bench_batch.py"), "--random", "tiny", "--batch", "1,3",
+                        "--prompt-len", "8", "--gen", "4", "--rounds", "2", "--tokenizer", str(tiny_gguf(seed=5)),
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["B"] for x in rows] == [1, 3]
+    for x in rows:
+        for lib in ("ours", "mlx_lm"):
+            assert x["warmup_s"][lib] > 0 and len(x[f"{lib}_rounds"]) == 2
+            m, lo, hi = x[f"{lib}_decode_tps"]
+            assert 0 < lo <= m <= hi and sorted(y["decode_tps"] for y in x[f"{lib}_rounds"]) == [lo, hi]
 
 
 def test_probe_batch_ops_runs():
