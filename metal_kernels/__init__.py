@@ -195,12 +195,17 @@ def runs_quant_sdpa() -> bool:
     return g == "cuda" or (g == "metal" and _mode == "kernels")
 
 
+def _decode_attention_fits(q, n_kv_heads) -> bool:
+    """The shapes the decode attention kernels (quant_sdpa, batch_sdpa) take: one query position,
+    head dim 32, 64 or 128 (every Qwen2.5), at most 8 query heads per KV head."""
+    hq, d = q.shape[1], q.shape[-1]
+    return q.shape[2] == 1 and d in (32, 64, 128) and hq % n_kv_heads == 0 and hq // n_kv_heads <= 8
+
+
 def quant_sdpa_fits(q, keys, bits, mask) -> bool:
-    """Whether the quant_sdpa kernel takes this call: one query position, no mask, 2/4/8-bit, head
-    dim 32, 64 or 128 (every Qwen2.5), at most 8 query heads per KV head."""
-    hq, hkv, d = q.shape[1], keys[0].shape[1], q.shape[-1]
-    return (q.shape[2] == 1 and mask is None and bits in (2, 4, 8) and d in (32, 64, 128) and hq % hkv == 0
-            and hq // hkv <= 8)
+    """Whether the quant_sdpa kernel takes this call: a decode shape (`_decode_attention_fits`), no
+    mask, 2/4/8-bit."""
+    return mask is None and bits in (2, 4, 8) and _decode_attention_fits(q, keys[0].shape[1])
 
 
 def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, tail=None):
@@ -214,18 +219,14 @@ def quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, tail=None
 # unmasked kernel at B = 8-128 on an H200), so the kernel runs there; on Metal MLX's vector kernel
 # takes the mask (the reference runs unless set_backend('kernels')); on the CPU the reference runs.
 def runs_batch_sdpa() -> bool:
-    """Whether padded batched decode attention goes through the `batch_sdpa` kernel."""
-    if _mode == "reference" or mx.default_device() != mx.gpu:
-        return False
-    g = gpu_backend()
-    return g == "cuda" or (g == "metal" and _mode == "kernels")
+    """Whether padded batched decode attention goes through the `batch_sdpa` kernel: where quant_sdpa's
+    kernel runs, unless set_backend('reference')."""
+    return _mode != "reference" and runs_quant_sdpa()
 
 
 def batch_sdpa_fits(q, keys) -> bool:
-    """Whether the batch_sdpa kernel takes this call: one query position, head dim 32, 64 or 128, at
-    most 8 query heads per KV head."""
-    hq, hkv, d = q.shape[1], keys.shape[1], q.shape[-1]
-    return q.shape[2] == 1 and d in (32, 64, 128) and hq % hkv == 0 and hq // hkv <= 8
+    """Whether the batch_sdpa kernel takes this call: a decode shape (`_decode_attention_fits`)."""
+    return _decode_attention_fits(q, keys.shape[1])
 
 
 def batch_sdpa(q, keys, values, start, n, scale):
