@@ -25,7 +25,7 @@ from metal_kernels import _core, cpu_emulator
 from metal_kernels import kernels as KK
 from metal_kernels import reference as R
 
-from test_kernels import CUDA_NAMES, f64, metal_source  # noqa: E402  (tests/ is on sys.path)
+from test_kernels import f64, metal_source  # noqa: E402  (tests/ is on sys.path)
 from test_quant_sdpa import attend, check, rng  # noqa: E402
 
 CASES = [  # B, HKV, NREP, D, CAP, n: padding in one chunk, across chunks, a row's start in the last
@@ -79,11 +79,7 @@ def test_emulated_kernel_matches_float64(dtype):
         check_rows(out, answers, dtype, f"emulated kernel {dtype} n={n}")
 
 
-def test_body_is_metal_and_in_no_table():
-    text = _core.metal_file("batch_sdpa").read_text()
-    found = sorted(set(m.group(0) for m in CUDA_NAMES.finditer(text)))
-    assert not found, f"batch_sdpa.metal uses CUDA names {found}"
-    assert _core.load_source("batch_sdpa")[0].startswith("// batch_sdpa")
+def test_in_no_table():  # (its body's Metal-only names and header: test_kernels.test_body_has_no_cuda_names)
     assert "batch_sdpa" not in K.USE  # not a speed choice: see metal_kernels.runs_batch_sdpa
 
 

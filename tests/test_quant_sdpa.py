@@ -44,7 +44,7 @@ from metal_kernels import _core, cpu_emulator
 from metal_kernels import kernels as KK
 from metal_kernels import reference as R
 
-from test_kernels import CUDA_NAMES, f64, metal_source  # noqa: E402  (tests/ is on sys.path)
+from test_kernels import f64, metal_source  # noqa: E402  (tests/ is on sys.path)
 
 
 def rng():
@@ -171,11 +171,7 @@ def test_reference_takes_a_causal_prefill_chunk():
     assert np.abs(np.array(theirs) - np.array(ref)).max() <= 1e-5
 
 
-def test_body_is_metal_and_in_no_table():
-    text = _core.metal_file("quant_sdpa").read_text()
-    found = sorted(set(m.group(0) for m in CUDA_NAMES.finditer(text)))
-    assert not found, f"quant_sdpa.metal uses CUDA names {found}"
-    assert _core.load_source("quant_sdpa")[0].startswith("// quant_sdpa")
+def test_in_no_table():  # (its body's Metal-only names and header: test_kernels.test_body_has_no_cuda_names)
     assert "quant_sdpa" not in K.USE  # not a speed choice: see metal_kernels.runs_quant_sdpa
 
 
