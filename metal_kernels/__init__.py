@@ -141,12 +141,15 @@ def backend() -> str:
     return gpu_backend() or "reference"
 
 
-def _use(op: str, x: mx.array, rows: int) -> bool:
-    if x.size == 0 or backend() == "reference":
+def _use(op: str, x: mx.array, rows: int | None = None) -> bool:
+    """Whether `op` runs its kernel for `x` over `rows` token rows (None: all but x's last axis)."""
+    # The common answer first, before asking MLX for the device: this runs five times per layer
+    # per decode step, and at 0.5B a step is bound by such host work.
+    if _mode == "reference" or (_mode == "auto" and not USE[op]) or x.size == 0 or backend() == "reference":
         return False
     if _mode == "kernels":
         return True
-    r = rule(USE[op])
+    r, rows = rule(USE[op]), _rows(x) if rows is None else rows
     return r is not None and r[0] <= rows and (r[1] is None or rows < r[1])
 
 
@@ -155,11 +158,11 @@ def _rows(x: mx.array) -> int:
 
 
 def rms_norm(x, weight, eps):
-    return (kernels if _use("rms_norm", x, _rows(x)) else reference).rms_norm(x, weight, eps)
+    return (kernels if _use("rms_norm", x) else reference).rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x, residual, weight, eps):
-    return (kernels if _use("add_rms_norm", x, _rows(x)) else reference).add_rms_norm(x, residual, weight, eps)
+    return (kernels if _use("add_rms_norm", x) else reference).add_rms_norm(x, residual, weight, eps)
 
 
 def _per_row(offset) -> bool:
@@ -179,7 +182,7 @@ def qkv_post(qkv, bias, n_heads, n_kv_heads, offset, base, freqs=None, mscale=1.
 
 
 def swiglu(gate_up):
-    return (kernels if _use("swiglu", gate_up, _rows(gate_up)) else reference).swiglu(gate_up)
+    return (kernels if _use("swiglu", gate_up) else reference).swiglu(gate_up)
 
 
 # Attention over a quantized KV cache is not a table entry: on CUDA it must run here (MLX 0.32.4's CUDA

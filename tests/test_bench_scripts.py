@@ -1,5 +1,5 @@
 """The benchmark scripts: their Q4_K_M-like layout is the real file's; bench.py, bench_formats.py, bench_kv.py,
-bench_batch.py and the probes (probe_batch_ops.py, probe_batch_step.py, probe_attention.py) run.
+bench_batch.py and the probes (probe_build.py, probe_batch_ops.py, probe_batch_step.py, probe_attention.py) run.
 
 (Speed itself lives in the scripts, never in tests: this only checks that they measure the
 right thing and run.)
@@ -134,6 +134,18 @@ def test_bench_batch_runs(tiny_gguf, tmp_path):
             assert x["warmup_s"][lib] > 0 and len(x[f"{lib}_rounds"]) == 2
             m, lo, hi = x[f"{lib}_decode_tps"]
             assert 0 < lo <= m <= hi and sorted(y["decode_tps"] for y in x[f"{lib}_rounds"]) == [lo, hi]
+
+
+def test_probe_build_runs():
+    """probe_build.py at the tiny geometry, fast ops stubbed: a median and spread per library, positive."""
+    r = subprocess.run([sys.executable, str(SCRIPTS / "probe_build.py"), "--geometry", "tiny", "--quant", "bf16",
+                        "--stub-fast", "--rounds", "2", "--builds", "3"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if " us [" in line}
+    assert set(lines) == {"qwen_mlx", "mlx_lm"}, r.stdout
+    for line in lines.values():
+        assert float(line.split()[1]) > 0, line
+    assert "(mx.fast stubbed)" in r.stdout and "qwen_mlx / mlx_lm:" in r.stdout
 
 
 def test_probe_batch_ops_runs():

@@ -13,6 +13,7 @@ import pytest
 
 import qwen_mlx
 import mlx.core as mx
+import mlx.nn as nn
 from qwen_mlx.generation import generate_step, stream_generate
 from qwen_mlx.gguf import gguf_config, gguf_weights, open_gguf
 
@@ -74,6 +75,23 @@ def test_forward_matches_float64_numpy(tiny_gguf, tied):
     ours = np.array(model(mx.array(toks[None]))[0])
     ref = numpy_qwen2(path, toks)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_children_read_through_class_attributes_follow_the_module(tiny_gguf):
+    """model._children: attribute reads of children see what the nn.Module's dict holds after
+    update, deletion and assignment (no stale copies), and absent children stay absent."""
+    model, _ = qwen_mlx.load(tiny_gguf(qtype="Q8_0", tied=True, seed=4), dtype="float32")
+    assert not hasattr(model, "lm_head") and "lm_head" not in model  # tied: no output head
+    attn = model.layers[0].self_attn
+    new = mx.array(np.random.default_rng().normal(size=attn.qkv_bias.shape).astype(np.float32))
+    attn.update({"qkv_bias": new})
+    assert attn.qkv_bias is new and attn["qkv_bias"] is new
+    attn.split_qkv()
+    assert not hasattr(attn, "qkv_proj") and attn.q_proj is attn["q_proj"] and attn.v_proj is attn["v_proj"]
+    with pytest.raises(AttributeError):
+        attn.qkv_proj
+    attn.o_proj = o = nn.Linear(4, 4)
+    assert attn.o_proj is o and attn["o_proj"] is o
 
 
 def test_yarn_forward_matches_float64_numpy(tiny_gguf):
