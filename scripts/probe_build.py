@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import statistics
 import time
 
 import benchlib as B  # scripts/benchlib.py (this script's directory is first on sys.path)
@@ -70,13 +69,12 @@ def main(argv=None) -> dict:
                 rounds[name].append(sorted(times[name])[len(times[name]) // 10] * 1e6)
     finally:
         gc.enable()
-    out = {name: {"median_us": statistics.median(r), "min_us": min(r), "max_us": max(r), "rounds_us": r}
-           for name, r in rounds.items()}
+    out = {name: B.spread(r) for name, r in rounds.items()}  # microseconds
     print(f"{a.geometry} {a.quant} build per decode step{' (mx.fast stubbed)' if a.stub_fast else ''}, "
           f"device {mx.default_device()}:")
     for name, r in out.items():
-        print(f"  {name:9s} {r['median_us']:7.0f} us [{r['min_us']:.0f}-{r['max_us']:.0f}]")
-    print(f"  qwen_mlx / mlx_lm: {out['qwen_mlx']['median_us'] / out['mlx_lm']['median_us']:.2f}")
+        print(f"  {name:9s} {r['median']:7.0f} us [{r['min']:.0f}-{r['max']:.0f}]")
+    print(f"  qwen_mlx / mlx_lm: {out['qwen_mlx']['median'] / out['mlx_lm']['median']:.2f}")
     return out
 
 
