@@ -43,8 +43,9 @@ def qkv_post(qkv: mx.array, bias: mx.array, n_heads: int, n_kv_heads: int, offse
     h = qkv + bias.astype(qkv.dtype)
     # one position (decode): [B, 1, nh, D] and [B, nh, 1, D] are the same memory, no transpose node
     h = h.reshape(B, nh, 1, -1) if L == 1 else h.reshape(B, L, nh, -1).transpose(0, 2, 1, 3)
-    qk = rope(h[:, :n_heads + n_kv_heads], offset, base, freqs, mscale)  # one launch for q and k
-    return qk[:, :n_heads], qk[:, n_heads:], h[:, n_heads + n_kv_heads:]
+    qk, v = mx.split(h, [n_heads + n_kv_heads], axis=1)  # one node for two views (slices: one each)
+    q, k = mx.split(rope(qk, offset, base, freqs, mscale), [n_heads], axis=1)  # one launch for q and k
+    return q, k, v
 
 
 @mx.compile

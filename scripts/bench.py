@@ -13,7 +13,8 @@ weights at geometry G in format Q (q4km: the formats a Q4_K_M GGUF gives each ma
 benchlib.q4km_type) and loads the same arrays into qwen_mlx. `--fuse-qkv` adds one qwen_mlx
 model per policy (qwen_mlx.model.ModelArgs.fuse_qkv: fuse q/k/v promoting mixed formats, or not),
 `--promote-bits` one per setting of ModelArgs.promote_bits (e.g. 5:8: 5-bit matrices held exactly
-in 8 bits); with both, one per pair.
+in 8 bits), `--compile-decode on,off` one with and one without the compiled decode step
+(ModelArgs.compile_decode); with several, one per combination.
 
 Cases `P:N`: a prompt of P random tokens (or `chat`: a chat-templated request, with --model)
 then N greedy tokens, each library through its own `generate_step`. prefill tok/s = prompt
@@ -51,9 +52,13 @@ from qwen_mlx.generation import generate_step
 CHAT = "Write a Python function that checks whether a number is prime, with a docstring and three tests."
 
 
-def load_ours(path, dtype, quantized, variant=(None, None)):
-    """qwen_mlx.load with a variant (fuse_qkv policy, promote_bits), each None for the default."""
-    env = {k: v for k, v in zip(("QWEN_MLX_FUSE_QKV", "QWEN_MLX_PROMOTE_BITS"), variant) if v is not None}
+VARIANT_ENV = ("QWEN_MLX_FUSE_QKV", "QWEN_MLX_PROMOTE_BITS", "QWEN_MLX_COMPILE_DECODE")
+
+
+def load_ours(path, dtype, quantized, variant=(None, None, None)):
+    """qwen_mlx.load with a variant (fuse_qkv policy, promote_bits, compile_decode "1"/"0"), each None
+    for the default."""
+    env = {k: v for k, v in zip(VARIANT_ENV, variant) if v is not None}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -85,7 +90,7 @@ def models_from_file(path, dtype, quantized, variants, tmp):
 
 
 def models_from_random(geometry, quant, variants):
-    ours, ref = B.random_pair(geometry, quant, seed=0, fuse_qkv=variants[0][0], promote_bits=variants[0][1])
+    ours, ref = B.random_pair(geometry, quant, 0, *variants[0])
     models = {_name(variants[0]): ours}
     for v in variants[1:]:
         models[_name(v)] = B.ours_from(ref, *v)
@@ -94,9 +99,10 @@ def models_from_random(geometry, quant, variants):
 
 
 def _name(variant):
-    fuse, promote = variant
+    fuse, promote, compiled = variant
     return " ".join(["qwen_mlx"] + ([f"fuse_qkv={fuse}"] if fuse else []) +
-                    ([f"promote={promote or 'none'}"] if promote is not None else []))
+                    ([f"promote={promote or 'none'}"] if promote is not None else []) +
+                    ([f"compile_decode={'on' if compiled == '1' else 'off'}"] if compiled is not None else []))
 
 
 def _default_path():
@@ -182,6 +188,8 @@ def main():
     p.add_argument("--promote-bits", default=None,
                    help="comma list of qwen_mlx promote_bits settings to compare (ModelArgs.promote_bits), "
                         "'none' for the formats as stored (default: ModelArgs' default, 5:8 on CUDA): none,5:8")
+    p.add_argument("--compile-decode", default=None,
+                   help="comma list of on/off: qwen_mlx with and without compiled decode steps (ModelArgs.compile_decode)")
     p.add_argument("--rounds", "--repeats", type=int, default=5, help="measured rounds (default 5)")
     p.add_argument("--bandwidth", action="store_true", help="measure MLX's copy bandwidth; decode as a fraction")
     p.add_argument("--json", default=None, help="write the results (with every round) here")
@@ -191,8 +199,12 @@ def main():
     a = p.parse_args()
     if a.rounds < 1:
         p.error("--rounds must be at least 1")
-    variants = [(f, "" if pb == "none" else pb) for f in (a.fuse_qkv.split(",") if a.fuse_qkv else [None])
-                for pb in (a.promote_bits.split(",") if a.promote_bits else [None])]
+    if a.compile_decode and set(a.compile_decode.split(",")) - {"on", "off"}:
+        p.error("--compile-decode takes on, off or on,off")
+    variants = [(f, "" if pb == "none" else pb, None if c is None else "1" if c == "on" else "0")
+                for f in (a.fuse_qkv.split(",") if a.fuse_qkv else [None])
+                for pb in (a.promote_bits.split(",") if a.promote_bits else [None])
+                for c in (a.compile_decode.split(",") if a.compile_decode else [None])]
     theirs = None
     if a.mlx_lm_blas == "bundled" and a.only is None:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:

@@ -87,10 +87,11 @@ def q4km_formats(cfg: dict) -> dict:
 
 
 def random_pair(geometry: str, quant: str, seed: int = 0, fuse_qkv: str | None = None,
-                promote_bits: str | None = None):
+                promote_bits: str | None = None, compile_decode: str | None = None):
     """(qwen_mlx model, mlx-lm model) with the same random weights: mlx-lm's qwen2 initialized with
     `seed`, cast to bfloat16 (float32 for "f32"), quantized as `quant` says, and the same arrays
-    loaded into qwen_mlx (`fuse_qkv`, `promote_bits`: see qwen_mlx.model.ModelArgs)."""
+    loaded into qwen_mlx (`fuse_qkv`, `promote_bits`, `compile_decode` "1"/"0": see
+    qwen_mlx.model.ModelArgs)."""
     cfg = config(geometry)
     dtype = mx.float32 if quant == "f32" else mx.bfloat16
     mx.random.seed(seed)
@@ -104,16 +105,18 @@ def random_pair(geometry: str, quant: str, seed: int = 0, fuse_qkv: str | None =
         bits, group = QUANT[quant]
         nn.quantize(ref, group_size=group, bits=bits)
     mx.eval(ref.parameters())
-    return ours_from(ref, fuse_qkv, promote_bits), ref
+    return ours_from(ref, fuse_qkv, promote_bits, compile_decode), ref
 
 
-def ours_from(ref, fuse_qkv: str | None = None, promote_bits: str | None = None):
+def ours_from(ref, fuse_qkv: str | None = None, promote_bits: str | None = None, compile_decode: str | None = None):
     """A qwen_mlx model on the weights of mlx-lm's qwen2 model `ref` (the same arrays where unfused)."""
     cfg = {k: v for k, v in vars(ref.args).items() if v is not None}
     if fuse_qkv:
         cfg["fuse_qkv"] = fuse_qkv
     if promote_bits is not None:
         cfg["promote_bits"] = promote_bits
+    if compile_decode is not None:
+        cfg["compile_decode"] = compile_decode != "0"
     return build_model(cfg, dict(tree_flatten(ref.parameters())), ref.model.norm.weight.dtype)
 
 

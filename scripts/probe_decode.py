@@ -2,7 +2,8 @@
 
     python scripts/probe_decode.py --geometry 0.5B --quant bf16
 
-Variants: mlx_lm (its qwen2 model), ours (qwen_mlx as shipped), ours_kernels (qwen_mlx with every
+Variants: mlx_lm (its qwen2 model), ours (qwen_mlx as shipped), ours_plain (qwen_mlx without the
+compiled decode step, ModelArgs.compile_decode off), ours_kernels (qwen_mlx with every
 metal_kernels kernel forced on). Per step, run synchronously:
 build = time to build the graph of one step in Python, encode = time of mx.async_eval on it (MLX's
 host-side encoding and launch), wait = mx.synchronize after. Then tok/s of the pipelined loop (one
@@ -25,10 +26,11 @@ def mlx_lm_step(model):
     return B.greedy_step(model, ours=False), lambda: make_prompt_cache(model)
 
 
-def ours_step(model, kernels: str = "auto"):
+def ours_step(model, kernels: str = "auto", compiled: bool = True):
     import metal_kernels as K
 
     K.set_backend(kernels)  # for the run that follows (variants alternate)
+    model.model.compile_decode = compiled
     return B.greedy_step(model, ours=True), model.make_cache
 
 
@@ -66,7 +68,7 @@ def main():
     a = p.parse_args()
     ours, ref = B.random_pair(a.geometry, a.quant)
     makers = {"mlx_lm": lambda: mlx_lm_step(ref), "ours": lambda: ours_step(ours),
-              "ours_kernels": lambda: ours_step(ours, "kernels")}
+              "ours_plain": lambda: ours_step(ours, compiled=False), "ours_kernels": lambda: ours_step(ours, "kernels")}
     res = {}
     for _ in range(a.repeats):
         for v in a.variants.split(","):

@@ -122,6 +122,53 @@ def test_cached_decoding_equals_uncached(tiny):
     np.testing.assert_allclose(np.array(mx.concatenate(parts, 1)), np.array(full), atol=1e-4)
 
 
+def test_compiled_decode_matches_float64_numpy_and_follows_weight_changes(tiny_gguf):
+    """Decode steps (one position, plain KVCache) run through Qwen2Model.decode_segments: checked
+    step by step against the float64 numpy forward (tolerance as in the forward test: float32 over
+    2 layers of width 256), then after replacing an array (`update`) and a module (assignment):
+    the compiled path must follow, i.e. equal the uncompiled path on the new weights."""
+    path = tiny_gguf(qtype="Q4_K", tied=True, seed=5)
+    model, _ = qwen_mlx.load(path, dtype="float32")
+    inner = model.model
+    assert inner.compile_decode
+    toks = np.random.default_rng().integers(0, 283, 30)
+    ref = numpy_qwen2(path, toks)
+    cache = model.make_cache()
+    model(mx.array(toks[None, :20]), cache=cache)
+    assert inner._compiled is None  # prefill does not use it
+    for i in range(20, 30):
+        step = np.array(model(mx.array(toks[None, i:i + 1]), cache=cache)[0, 0])
+        np.testing.assert_allclose(step, ref[i], atol=1e-4, rtol=1e-4)
+    segments = inner.decode_segments()
+    assert inner._compiled is not None and len(segments) == len(model.layers) + 1
+
+    def step_both(cache):
+        """(compiled, uncompiled) logits of one more token on copies of `cache`."""
+        out = []
+        for flag in (True, False):
+            inner.compile_decode = flag
+            c = [type(x)() for x in cache]
+            for new, old in zip(c, cache):
+                new.state = old.state
+            out.append(np.array(model(mx.array([[7]]), cache=c)[0, 0]))
+        inner.compile_decode = True
+        return out
+
+    before, _ = step_both(cache)
+    mlp = model.layers[1].mlp
+    mlp.update({"down_proj": {"weight": mlp.down_proj.weight * 3}})  # an array replaced
+    fast, slow = step_both(cache)
+    assert np.abs(fast - before).max() > 1e-2  # the change matters, and the compiled path saw it
+    np.testing.assert_array_equal(fast, slow)
+    assert inner.decode_segments() is not segments
+    segments = inner.decode_segments()
+    model.layers[0].post_attention_layernorm = nn.RMSNorm(model.args.hidden_size)  # a module replaced
+    fast2, slow2 = step_both(cache)
+    assert np.abs(fast2 - fast).max() > 1e-2
+    np.testing.assert_array_equal(fast2, slow2)
+    assert inner.decode_segments() is not segments
+
+
 def test_batch_equals_one_by_one(tiny):
     _, model, _ = tiny
     toks = mx.array(np.random.default_rng().integers(0, 283, (3, 20)))
