@@ -59,6 +59,19 @@ def shipped() -> dict:
 
 
 _SHIPPED_SOURCE = f"shipped defaults for {gpu_backend() or 'no GPU'}"
+_version = 0  # bumped whenever what dispatch decides may change (set_table, set_backend)
+
+
+def _changed() -> None:
+    global _version
+    _version += 1
+
+
+def version() -> int:
+    """A number that changes whenever the table or the mode does: code that fixed dispatch's
+    decisions in advance (a compiled function traced through these ops) must redo it then."""
+    return _version
+
 USE: dict = dict(shipped())
 _table_source = _SHIPPED_SOURCE
 
@@ -81,6 +94,7 @@ def set_table(table: dict, source: str) -> None:
         raise ValueError(f"kernel table from {source} lacks {', '.join(sorted(missing))}")
     USE.update({op: rule(table[op]) for op in USE})
     _table_source = source
+    _changed()
 
 
 def table_source() -> str:
@@ -127,6 +141,7 @@ def set_backend(mode: str) -> None:
     if mode not in _MODES:
         raise ValueError(f"set_backend({mode!r}): want one of {', '.join(_MODES)}")
     _mode = mode
+    _changed()
 
 
 def mode() -> str:

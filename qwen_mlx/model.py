@@ -38,8 +38,9 @@ What shapes the code:
   ~25 compiled calls and 24 cache updates and attentions a step instead of ~400 operations (at
   0.5B a step on a GPU is bound by such host work). The same operations in the same order:
   logits match the uncompiled path (tests/test_model_generate.py). Replacing a weight or a
-  module (by assignment, `update`, `load_weights`, ...) is noticed at the next step and
-  recompiles; an array edited in place (`w[...] = x`) is not: call `model.model.reset_compiled()`.
+  module (by assignment, `update`, `load_weights`, ...), a new kernel table or mode
+  (`metal_kernels.version()`) or default device is noticed at the next step and recompiles; an
+  array edited in place (`w[...] = x`) is not: call `model.model.reset_compiled()`.
   `ModelArgs.compile_decode` (default: QWEN_MLX_COMPILE_DECODE, on) switches it off.
 - `tap(name, x)` marks the named stages a researcher can capture or replace
   (`qwen_mlx.research`). Each `Model` has its own `tap_hook` (None: x passes untouched);
@@ -328,7 +329,7 @@ class Qwen2Model(nn.Module):
         self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.compile_decode = args.compile_decode
-        self._compiled = None  # (containers, keys, what they held, segments): see decode_segments
+        self._compiled = None  # (containers, keys, what they held, dispatch state, segments): decode_segments
 
     def __call__(self, inputs: mx.array, cache=None, mask: Optional[mx.array] = None) -> mx.array:
         if (inputs.shape[1] == 1 and mask is None and cache and self.compile_decode and _TAP.get() is None
@@ -356,14 +357,16 @@ class Qwen2Model(nn.Module):
     def decode_segments(self) -> list:
         """[embedding + layer 0's first half, (layer i-1's second half + layer i's first half) for
         i = 1..N-1, layer N-1's second half + final norm], each `mx.compile`d with the weights it
-        reads captured as constants. Built on first use; rebuilt when any array, module, list or
-        dict below this model has been replaced since (one identity check per step)."""
-        c = self._compiled
-        if c is None or not all(map(operator.is_, map(operator.getitem, c[0], c[1]), c[2])):
+        reads captured as constants and the kernel dispatch's decisions fixed. Built on first use;
+        rebuilt when any array, module, list or dict below this model has been replaced since (one
+        identity check per step), or the kernel table or mode (`metal_kernels.version()`) or the
+        default device has changed."""
+        c, state = self._compiled, (K.version(), mx.default_device())
+        if c is None or c[3] != state or not all(map(operator.is_, map(operator.getitem, c[0], c[1]), c[2])):
             containers, keys = _bindings(self)
             held = list(map(operator.getitem, containers, keys))
-            self._compiled = c = (containers, keys, held, self._compile_segments())
-        return c[3]
+            self._compiled = c = (containers, keys, held, state, self._compile_segments())
+        return c[4]
 
     def reset_compiled(self) -> None:
         """Drop the compiled segments (needed only after editing a weight array in place)."""

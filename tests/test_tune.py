@@ -79,6 +79,9 @@ def test_shipped_defaults_and_description():
 
 def test_tune_turns_a_slow_kernel_off_and_a_fast_one_on(fake_gpu, tiny_gguf):
     model, _ = load(tiny_gguf(), dtype="float32")
+    # The planted delays are Python-level; compiled decode steps run an op's Python only when they
+    # trace (test_a_new_table_retraces_compiled_decode_steps), so here every step builds the modules.
+    model.model.compile_decode = False
     fake_gpu.setattr(KK, "add_rms_norm", slowed(R.add_rms_norm))      # the planted slow kernel
     fake_gpu.setattr(R, "swiglu", slowed(KK.swiglu))  # a reference slower than its kernel (the plain one)
     before = dict(K.USE)
@@ -153,3 +156,30 @@ def test_verbose_says_which_kernels_run(tiny_gguf):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("kernels")]
     assert lines == K.describe() or K.backend() != "reference", r.stderr
     assert len(lines) == 1 and ("all off" in lines[0] or "on" in lines[0])
+
+
+def test_a_new_table_retraces_compiled_decode_steps(fake_gpu, tiny_gguf):
+    """Compiled decode segments fix the dispatch's decisions when they trace: a new table (or mode)
+    must make the next step trace again, now through the kernel the table turned on."""
+    model, _ = load(tiny_gguf(), dtype="float32")
+    calls = []
+    fake_gpu.setattr(KK, "add_rms_norm", lambda *a, **k: calls.append(1) or R.add_rms_norm(*a, **k))
+    K.set_table(tune.OFF, "test")
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    steps = [model(mx.array([[t]]), cache=cache) for t in (4, 5)]
+    first = model.model.decode_segments()
+    assert calls == []  # off: the reference ran
+    K.set_table({**tune.OFF, "add_rms_norm": (1, None)}, "test")
+    steps.append(model(mx.array([[6]]), cache=cache))
+    n = len(calls)
+    assert n >= len(model.layers) and model.model.decode_segments() is not first  # traced anew, kernel in
+    steps.append(model(mx.array([[7]]), cache=cache))
+    assert len(calls) == n  # and not again: the next step replays the trace
+    K.set_backend("reference")
+    try:
+        model(mx.array([[8]]), cache=cache)
+        assert len(calls) == n and model.model.decode_segments() is not first
+    finally:
+        K.set_backend("auto")
+    mx.eval(steps)
