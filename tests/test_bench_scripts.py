@@ -1,5 +1,6 @@
 """The benchmark scripts: their Q4_K_M-like layout is the real file's; bench.py, bench_formats.py, bench_kv.py,
-bench_batch.py and the probes (probe_build.py, probe_batch_ops.py, probe_batch_step.py, probe_attention.py) run.
+bench_batch.py and the probes (probe_build.py, probe_batch_ops.py, probe_batch_step.py, probe_attention.py) run;
+profile_decode.py's timeline summary is right, and it refuses to run without a CUDA GPU.
 
 (Speed itself lives in the scripts, never in tests: this only checks that they measure the
 right thing and run.)
@@ -201,3 +202,53 @@ def test_probe_attention_runs_and_cleans_up(tmp_path):
     r = subprocess.run(cmd + ["--variant", str(clash)], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "would replace a shipped kernel" in r.stderr
     assert sorted(p.name for p in _core.DIR.iterdir()) == shipped
+
+
+def test_profile_decode_summary_against_a_timeline(benchlib):
+    """profile_decode.summarize on seeded random kernel intervals (integer us, overlapping and not)
+    against a timeline of 1-us cells marked busy with numpy: busy time, gaps, the idle stretches
+    over 20 us, kernel sums and counts per name."""
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import profile_decode
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    rng = np.random.default_rng(12)
+    steps = 4
+    starts = np.cumsum(rng.integers(-3, 40, 300)) + 1000  # some overlap the one before, some leave gaps
+    starts = np.maximum.accumulate(starts)
+    durs = rng.integers(1, 30, 300)
+    names = rng.choice(["gemv", "rms_norm", "sdpa"], 300)
+    kernels = [(str(n), float(s), float(d)) for n, s, d in zip(names, starts, durs)]
+    rng.shuffle(kernels)  # the order of the events must not matter
+    s = profile_decode.summarize(kernels, steps)
+
+    t0, t1 = starts.min(), max(starts + durs)
+    cells = np.zeros(t1 - t0, bool)
+    for st, d in zip(starts, durs):
+        cells[st - t0:st - t0 + d] = True
+    idle = np.flatnonzero(np.diff(np.concatenate([[1], cells.astype(int), [1]])))  # run edges of idle stretches
+    runs = idle[1::2] - idle[::2]
+    assert s["span_us"] == (t1 - t0) / steps
+    assert s["busy_us"] == cells.sum() / steps
+    assert s["gaps_us"] == (~cells).sum() / steps == runs.sum() / steps
+    assert s["big_gaps_us"] == runs[runs > 20].sum() / steps and s["big_gaps_per_step"] == (runs > 20).sum() / steps
+    assert s["kernel_sum_us"] == durs.sum() / steps and s["kernels_per_step"] == 300 / steps
+    for name in ("gemv", "rms_norm", "sdpa"):
+        assert s["by_kernel"][name] == ((names == name).sum() / steps, durs[names == name].sum() / steps)
+    assert list(s["by_kernel"].values()) == sorted(s["by_kernel"].values(), key=lambda v: -v[1])
+
+
+def test_profile_decode_needs_a_cuda_gpu_and_good_flags():
+    """Without a GPU seen by MLX and torch: exit 2 with one line saying so; a bad --context: argparse's error."""
+    r = subprocess.run([sys.executable, str(SCRIPTS / "profile_decode.py"), "--geometry", "tiny"],
+                       capture_output=True, text=True, timeout=300)
+    import mlx.core as mx
+
+    if mx.default_device() == mx.cpu:
+        assert r.returncode == 2 and "needs an NVIDIA GPU" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, str(SCRIPTS / "profile_decode.py"), "--context", "12x"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--context '12x'" in r.stderr, r.stderr
