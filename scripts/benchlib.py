@@ -1,6 +1,6 @@
 """What the benchmark scripts share, written once: random-weight model pairs (qwen_mlx and mlx-lm
-on the same weights, in one uniform format or a Q4_K_M-like mix), the pipelined greedy decode
-loop, and the statistics of alternating rounds.
+on the same weights, in one uniform format or a Q4_K_M-like mix), the decode variants the probes
+compare, the pipelined greedy decode loop, and the statistics of alternating rounds.
 
 The scripts import it from their own directory (Python puts a script's directory first on
 sys.path); qwen_mlx itself is the installed package (`pip install -e .`).
@@ -132,6 +132,27 @@ def greedy_step(model, ours: bool):
         def step(y, cache):
             return mx.argmax(model(y[None], cache=cache)[:, -1, :], axis=-1)
     return step
+
+
+DECODE_VARIANTS = ("mlx_lm", "ours", "ours_plain", "ours_kernels")
+
+
+def decode_variant(variant: str, ours, ref):
+    """(step, make_cache) for one of DECODE_VARIANTS: mlx_lm (its qwen2 model `ref`), ours (qwen_mlx
+    `ours` as shipped), ours_plain (without the compiled decode step, ModelArgs.compile_decode off),
+    ours_kernels (every metal_kernels kernel forced on). Sets the kernel mode and compile_decode of
+    `ours` for the run that follows (variants alternate)."""
+    if variant == "mlx_lm":
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return greedy_step(ref, ours=False), lambda: make_prompt_cache(ref)
+    if variant not in DECODE_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: want one of {', '.join(DECODE_VARIANTS)}")
+    import metal_kernels as K
+
+    K.set_backend("kernels" if variant == "ours_kernels" else "auto")
+    ours.model.compile_decode = variant != "ours_plain"
+    return greedy_step(ours, ours=True), ours.make_cache
 
 
 def decode_loop(step, cache, y: mx.array, n: int) -> float:

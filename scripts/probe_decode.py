@@ -19,19 +19,6 @@ import time
 import benchlib as B  # scripts/benchlib.py (this script's directory is first on sys.path)
 import qwen_mlx  # noqa: F401
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
-
-
-def mlx_lm_step(model):
-    return B.greedy_step(model, ours=False), lambda: make_prompt_cache(model)
-
-
-def ours_step(model, kernels: str = "auto", compiled: bool = True):
-    import metal_kernels as K
-
-    K.set_backend(kernels)  # for the run that follows (variants alternate)
-    model.model.compile_decode = compiled
-    return B.greedy_step(model, ours=True), model.make_cache
 
 
 def run(step, make_cache, n_prompt: int, n_gen: int) -> dict:
@@ -67,13 +54,11 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     ours, ref = B.random_pair(a.geometry, a.quant)
-    makers = {"mlx_lm": lambda: mlx_lm_step(ref), "ours": lambda: ours_step(ours),
-              "ours_plain": lambda: ours_step(ours, compiled=False), "ours_kernels": lambda: ours_step(ours, "kernels")}
     res = {}
     for _ in range(a.repeats):
         for v in a.variants.split(","):
             try:
-                r = run(*makers[v](), a.prompt, a.gen)
+                r = run(*B.decode_variant(v, ours, ref), a.prompt, a.gen)
             except Exception as e:  # noqa: BLE001
                 print(f"{v}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue

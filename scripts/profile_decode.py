@@ -4,9 +4,8 @@ torch.profiler, which records every kernel of the process, MLX's included).
     python scripts/profile_decode.py --geometry 7B --quant bf16 --context 128,4096
     python scripts/profile_decode.py --geometry 0.5B --quant q4km --variants ours,mlx_lm --trace-dir /tmp
 
-Per variant (ours: qwen_mlx as shipped; ours_plain: without compiled decode steps; ours_kernels:
-every metal_kernels kernel forced on; mlx_lm: its qwen2 model on the same random weights) and
-context: `--steps` greedy steps in the pipelined loop (one step in flight, as generate_step runs
+Per variant (`benchlib.decode_variant`: ours, ours_plain, ours_kernels, mlx_lm, as in
+probe_decode.py; random weights shared by both libraries) and context: `--steps` greedy steps in the pipelined loop (one step in flight, as generate_step runs
 them) under the profiler. Per step: the wall time, the span of the GPU timeline (first kernel's
 start to last kernel's end), the time some kernel was running (busy), the sum of kernel durations,
 the idle gaps between kernels (all, and those over 20 us: the GPU waiting for the host), and the
@@ -69,20 +68,6 @@ def trace_kernels(path: str) -> list[tuple[str, float, float]]:
     return [(e["name"], float(e["ts"]), float(e["dur"])) for e in events if e.get("cat") == "kernel"]
 
 
-def setup(variant: str, ours, ref):
-    """(step, make_cache) for a variant."""
-    import metal_kernels as K
-    from mlx_lm.models.cache import make_prompt_cache
-
-    if variant == "mlx_lm":
-        return B.greedy_step(ref, ours=False), lambda: make_prompt_cache(ref)
-    if variant not in ("ours", "ours_plain", "ours_kernels"):
-        raise ValueError(f"unknown variant {variant!r}: want ours, ours_plain, ours_kernels or mlx_lm")
-    K.set_backend("kernels" if variant == "ours_kernels" else "auto")
-    ours.model.compile_decode = variant != "ours_plain"
-    return B.greedy_step(ours, ours=True), ours.make_cache
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--geometry", default="0.5B")
@@ -107,11 +92,12 @@ def main(argv=None) -> int:
         return 2
     torch.cuda.init()
     ours, ref = B.random_pair(a.geometry, a.quant)
-    out_dir = a.trace_dir or tempfile.mkdtemp(prefix="profile_decode_")
+    scratch = None if a.trace_dir else tempfile.TemporaryDirectory(prefix="profile_decode_")
+    out_dir = a.trace_dir or scratch.name
     results = {}
     for ctx in contexts:
         for v in variants:
-            step, make_cache = setup(v, ours, ref)
+            step, make_cache = B.decode_variant(v, ours, ref)
             cache = make_cache()
             y = mx.random.randint(0, 150000, (ctx,)).astype(mx.uint32)
             for _ in range(4):  # the prompt, then steps that trace / warm up
@@ -128,8 +114,6 @@ def main(argv=None) -> int:
             s = summarize(trace_kernels(path), a.steps)
             s["wall_us"] = wall
             results[f"{ctx}:{v}"] = s
-            if not a.trace_dir:
-                os.remove(path)
             print(f"== {a.geometry} {a.quant} context {ctx} {v}: wall {wall:.0f} us/step, "
                   f"{s['kernels_per_step']:.0f} kernels/step", flush=True)
             if not s["kernels_per_step"]:
@@ -139,7 +123,9 @@ def main(argv=None) -> int:
                   f"{s['big_gaps_per_step']:.1f})", flush=True)
             for name, (n, d) in list(s["by_kernel"].items())[:a.top]:
                 print(f"   {d:8.1f} us/step {n:6.1f}/step {d / n:7.2f} us  {name[:100]}", flush=True)
-    if a.trace_dir:
+    if scratch:
+        scratch.cleanup()
+    else:
         print(f"traces in {out_dir}")
     print(json.dumps({k: {kk: vv for kk, vv in s.items() if kk != "by_kernel"} for k, s in results.items()}))
     return 0
