@@ -110,7 +110,7 @@ def main():
         gen.__dict__.pop("_forward"), gen.__dict__.pop("_report")
         mx.eval(gen.out.tokens)
         c0 = gen.cache[0]
-        print(f"B={b}: KV length {c0._idx} (buffer {c0.keys.shape[2]}), left padding "
+        print(f"B={b}: KV length {c0.size()} (buffer {c0.keys.shape[2]}), left padding "
               f"{sorted(set(c0.left_padding.tolist()))}", flush=True)
         print(f"  generator step, pipelined          {med_ms(piped):7.2f}   (inside: forward build {fw_p:.2f}, "
               f"report {rep_p:.2f})", flush=True)
@@ -128,7 +128,7 @@ def main():
         fresh = [BatchKVCache([0] * b) for _ in model.model.layers]
         toks = mx.array(prompts, mx.uint32)
         model(toks, cache=fresh, mask=fresh[0].make_mask(a.prompt), last_only=True)
-        for _ in range(c0._idx - a.prompt):
+        for _ in range(c0.size() - a.prompt):
             bare(model, fresh, y, True)
         mx.eval([c.state[:2] for c in fresh])
         for name, m in (("with mask", True), ("no mask", False)):
