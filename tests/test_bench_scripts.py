@@ -8,6 +8,7 @@ right thing and run.)
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -18,14 +19,18 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-@pytest.fixture(scope="module")
-def benchlib():
-    sys.path.insert(0, str(SCRIPTS))  # scripts import benchlib from their own directory
+def import_script(name: str):
+    """scripts/<name>.py as a module (the scripts import benchlib from their own directory)."""
+    sys.path.insert(0, str(SCRIPTS))
     try:
-        import benchlib
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(SCRIPTS))
-    return benchlib
+
+
+@pytest.fixture(scope="module")
+def benchlib():
+    return import_script("benchlib")
 
 
 @pytest.mark.real_model
@@ -204,17 +209,13 @@ def test_probe_attention_runs_and_cleans_up(tmp_path):
     assert sorted(p.name for p in _core.DIR.iterdir()) == shipped
 
 
-def test_profile_decode_summary_against_a_timeline(benchlib):
+def test_profile_decode_summary_against_a_timeline():
     """profile_decode.summarize on seeded random kernel intervals (integer us, overlapping and not)
     against a timeline of 1-us cells marked busy with numpy: busy time, gaps, the idle stretches
     over 20 us, kernel sums and counts per name."""
     import numpy as np
 
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import profile_decode
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    profile_decode = import_script("profile_decode")
     rng = np.random.default_rng(12)
     steps = 4
     starts = np.cumsum(rng.integers(-3, 40, 300)) + 1000  # some overlap the one before, some leave gaps
