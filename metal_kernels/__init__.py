@@ -9,6 +9,7 @@
     K.swiglu(gate_up)                           # silu(gate) * up
     K.quant_sdpa(q, keys, values, n, scale, bits, group_size, mask=None, tail=None)  # attention over a quantized KV cache
     K.batch_sdpa(q, keys, values, start, n, scale)  # decode attention, row b over positions start[b] .. n-1
+    K.decode_sdpa(q, keys, values, n, scale)    # decode attention over positions 0 .. n-1 of cache buffers
 
 Each op is a Metal kernel body (metal_kernels/<op>.metal) run by `mx.fast.metal_kernel` on
 Apple GPUs and, through msl_compat.h, by `mx.fast.cuda_kernel` on NVIDIA GPUs; elsewhere
@@ -27,13 +28,15 @@ applies it), `describe()` says what runs and why. `backend()` says what runs: "m
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import mlx.core as mx
 
 from . import kernels, reference
 from ._core import gpu_backend
 
-__all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "quant_sdpa", "runs_quant_sdpa", "batch_sdpa", "runs_batch_sdpa", "set_backend", "mode", "backend", "USE",
+__all__ = ["rms_norm", "add_rms_norm", "rope", "qkv_post", "swiglu", "quant_sdpa", "runs_quant_sdpa", "batch_sdpa", "runs_batch_sdpa", "decode_sdpa", "runs_decode_sdpa", "decode_sdpa_fits", "compiled_decode",
+           "IN_COMPILED_DECODE", "set_backend", "mode", "backend", "USE",
            "SHIPPED", "shipped", "set_table", "reset_table", "describe", "kernels", "reference"]
 
 # When each op runs its kernel: op -> None (never) or (min_rows, max_rows), the kernel running for calls
@@ -125,7 +128,9 @@ def describe() -> list:
         return [f"kernels: all off ({why}); the plain-MLX references run"]
     if _mode == "kernels":
         return [f"kernels: all on ({b}; forced by set_backend('kernels') / QWEN_MLX_KERNELS=kernels)"]
-    return [f"kernels ({b}, {_table_source}): " + ", ".join(f"{op} {describe_rule(v)}" for op, v in USE.items())]
+    line = f"kernels ({b}, {_table_source}): " + ", ".join(f"{op} {describe_rule(v)}" for op, v in USE.items())
+    inside = [*IN_COMPILED_DECODE.get(b, ()), *(["decode_sdpa"] if runs_decode_sdpa() else [])]
+    return [line + (f"; in compiled decode steps also {', '.join(inside)}" if inside and _mode == "auto" else "")]
 
 
 _MODES = ("auto", "reference", "kernels")
@@ -156,8 +161,29 @@ def backend() -> str:
     return gpu_backend() or "reference"
 
 
+# Inside a compiled decode step (qwen_mlx.model's decode segments) a kernel call costs no host time
+# per step (MLX replays the traced graph), only GPU time; there, in mode 'auto', these ops run
+# their kernels whatever USE says: on an H200 each took less GPU time inside 7B decode steps than
+# the built-in ops it replaces (docs/kernels.md, "Small arrays"). USE decides everywhere else.
+IN_COMPILED_DECODE = {"cuda": ("add_rms_norm", "qkv_post"), "metal": ()}
+_in_decode = False
+
+
+@contextmanager
+def compiled_decode():
+    """Around the tracing of a compiled decode step: the ops of IN_COMPILED_DECODE run their kernels."""
+    global _in_decode
+    old, _in_decode = _in_decode, True
+    try:
+        yield
+    finally:
+        _in_decode = old
+
+
 def _use(op: str, x: mx.array, rows: int | None = None) -> bool:
     """Whether `op` runs its kernel for `x` over `rows` token rows (None: all but x's last axis)."""
+    if _in_decode and _mode == "auto" and op in IN_COMPILED_DECODE.get(gpu_backend() or "", ()):
+        return x.size != 0 and backend() != "reference"
     # The common answer first, before asking MLX for the device: this runs five times per layer
     # per decode step, and at 0.5B a step is bound by such host work.
     if _mode == "reference" or (_mode == "auto" and not USE[op]) or x.size == 0 or backend() == "reference":
@@ -250,3 +276,29 @@ def batch_sdpa_fits(q, keys) -> bool:
 def batch_sdpa(q, keys, values, start, n, scale):
     impl = kernels if runs_batch_sdpa() and q.size and batch_sdpa_fits(q, keys) else reference
     return impl.batch_sdpa(q, keys, values, start, n, scale)
+
+
+# One sequence's decode attention on a plain KV cache is a speed choice against MLX's own fused
+# kernels (its vector kernel; cuDNN from 256 positions): on CUDA the decode_sdpa kernel measured
+# faster inside 7B bfloat16 decode steps (docs/kernels.md), so it runs there; on Metal only under
+# set_backend('kernels'); on the CPU never.
+def runs_decode_sdpa() -> bool:
+    """Whether a compiled decode step's attention goes through the `decode_sdpa` kernel."""
+    if _mode == "reference" or mx.default_device() != mx.gpu:
+        return False
+    g = gpu_backend()
+    return g == "cuda" or (g == "metal" and _mode == "kernels")
+
+
+def decode_sdpa_fits(q, keys) -> bool:
+    """Whether the decode_sdpa kernel takes this call: a decode shape (`_decode_attention_fits`) in
+    bfloat16 or float32 (its 16-byte key loads)."""
+    return q.dtype in (mx.bfloat16, mx.float32) and keys.dtype == q.dtype and _decode_attention_fits(q, keys.shape[1])
+
+
+def decode_sdpa(q, keys, values, n, scale):
+    """Attention of q [B, HQ, 1, D] over the first n positions of the cache buffers `keys`,
+    `values` [B, HKV, CAP, D] (mlx-lm KVCache's, read in place)."""
+    if runs_decode_sdpa() and q.size and decode_sdpa_fits(q, keys):
+        return kernels.decode_sdpa(q, keys, values, n, scale)
+    return reference.decode_sdpa(q, keys, values, n, scale)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 from functools import lru_cache
 from pathlib import Path
 
@@ -143,10 +144,17 @@ def row_threads(d: int) -> int:
     return min(1024, round_up(max(1, -(-d // 4)), 32))
 
 
-# Small constant inputs (eps, mscale, rope frequencies) are made once and reused.
 @lru_cache(maxsize=256)
-def f32_scalar(value: float) -> mx.array:
-    return mx.array([value], dtype=mx.float32)
+def f32_bits(value: float) -> int:
+    """value's float32 bit pattern as an int: how a constant float (eps, mscale, the attention scale)
+    reaches a kernel, as a template argument that the body reads back with as_type<float>. Not as an
+    array: MLX's CUDA allocator keeps arrays of up to 8 bytes in one pool of managed memory that the
+    GPU reads across the bus, ~2.4 us a kernel on an H200 (docs/kernels.md). Negative values (never
+    one of these) are refused: the bits would be a negative int, which MLX cannot put in a name."""
+    bits = struct.unpack("<i", struct.pack("<f", float(value)))[0]
+    if bits < 0:
+        raise ValueError(f"a kernel constant must be a non-negative float32, not {value!r}")
+    return bits
 
 
 @lru_cache(maxsize=64)

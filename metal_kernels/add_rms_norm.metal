@@ -5,9 +5,9 @@
 // elements t, t + TG, ... of h in registers (N = ceil(D / TG) of them), writes
 // them to h, reduces the sum of squares in float32 (simd_sum, then one partial
 // per SIMD-group in threadgroup memory) and writes y.
-// Inputs:  x [..., D] (T; rows = the product of the leading dims), r [rows, D] (T), w [D] (T), eps [1] (float32).
+// Inputs:  x [..., D] (T; rows = the product of the leading dims), r [rows, D] (T), w [D] (T).
 // Outputs: h, y shaped like x (T).
-// Template: T (dtype), D (row length), TG (threads per row).
+// Template: T (dtype), D (row length), TG (threads per row), EPS (eps's float32 bits).
 // Rounding as `h = x + r; mx.fast.rms_norm(h, w, eps)`: h = T(x + r), the
 // norm is computed from the rounded h, y = T(T(h * n) * w).
 // ---- body ----
@@ -24,10 +24,12 @@ if (row >= rows) {
 const size_t base = size_t(row) * D;
 
 float v[N];
+float wv[N];  // the weights too, loaded before the reduction waits
 float ss = 0.0f;
 for (int j = 0; j < N; j++) {
   const uint c = tid + uint(j * TG);
   v[j] = 0.0f;
+  wv[j] = c < uint(D) ? static_cast<float>(w[c]) : 0.0f;
   if (c < uint(D)) {
     const T hc = static_cast<T>(static_cast<float>(x[base + c]) + static_cast<float>(r[base + c]));
     h[base + c] = hc;
@@ -38,12 +40,12 @@ for (int j = 0; j < N; j++) {
 
 threadgroup float partial[TG / 32];
 const float total = threadgroup_sum<TG>(ss, partial, thread_index_in_simdgroup, simdgroup_index_in_threadgroup);
-const float n = metal::precise::rsqrt(total / float(D) + eps[0]);
+const float n = metal::precise::rsqrt(total / float(D) + as_type<float>(uint(EPS)));
 
 for (int j = 0; j < N; j++) {
   const uint c = tid + uint(j * TG);
   if (c < uint(D)) {
     const T hn = static_cast<T>(v[j] * n);
-    y[base + c] = static_cast<T>(static_cast<float>(hn) * static_cast<float>(w[c]));
+    y[base + c] = static_cast<T>(static_cast<float>(hn) * wv[j]);
   }
 }

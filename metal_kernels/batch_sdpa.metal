@@ -18,11 +18,11 @@
 //      position of the chunk, and their sums meet in threadgroup memory.
 // Scores, softmax and sums are float32; positions outside [start[b], n) are never read.
 // Inputs:  q [B, HKV*NREP, 1, D] (T); k, v [B, HKV, CAP, D] (T); start [B] (int32, row b's first
-//          position); n [1] (int32, one past the last position of every row); scale [1] (float32).
+//          position); n [1] (int32, one past the last position of every row).
 // Outputs: o [B, HKV*NREP, NC, D] (float32, the unnormalized sum over the chunk), m, l
 //          [B, HKV*NREP, NC] (float32); an empty chunk has m = -3e38, l = 0, o = 0.
-// Template: T, D (32, 64 or 128), NREP (<= 8), HKV. CAP comes from k's shape, so a growing
-//          cache does not recompile.
+// Template: T, D (32, 64 or 128), NREP (<= 8), HKV, SCALE (the attention scale's float32
+//          bits). CAP comes from k's shape, so a growing cache does not recompile.
 // ---- body ----
 constexpr int CH = 128;       // cache positions per threadgroup = threads per threadgroup
 constexpr int E = 4;          // V elements per thread in phase 3
@@ -39,7 +39,7 @@ const int tid = int(thread_index_in_threadgroup);
 const int first = start[bh / HKV] > c * CH ? start[bh / HKV] - c * CH : 0;  // chunk-relative [first, cnt)
 const int left = n[0] - c * CH;
 const int cnt = left < 0 ? 0 : (left < CH ? left : CH);
-const float sc = scale[0];
+const float sc = as_type<float>(uint(SCALE));
 
 threadgroup float qs[NREP * D];
 threadgroup float ps[NREP * CH];

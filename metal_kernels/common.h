@@ -16,13 +16,19 @@
 #ifndef THREADGROUP_PTR
 #define THREADGROUP_PTR threadgroup
 #endif
+// UNROLL before a loop of constant trip count: unroll it fully (msl_compat.h and the CPU
+// emulator define their own).
+#ifndef UNROLL
+#define UNROLL _Pragma("clang loop unroll(full)")
+#endif
 
 // @provides threadgroup_sum
 // Sum of v over a threadgroup of TG threads (TG a multiple of 32, <= 1024), in
 // float32: simd_sum within each SIMD-group, one partial per SIMD-group in
 // `partial` (threadgroup memory of TG / 32 floats, declared by the kernel),
-// then every thread adds the TG / 32 partials in the same order, so all
-// threads get the same bits. Every thread of the threadgroup must call it.
+// then every SIMD-group adds the TG / 32 partials by one more simd_sum (lane s
+// holding partial s), so all threads get the same bits. Every thread of the
+// threadgroup must call it.
 template <int TG>
 METAL_FUNC float threadgroup_sum(float v, THREADGROUP_PTR float* partial, uint lane, uint simd_group) {
   v = simd_sum(v);
@@ -30,11 +36,28 @@ METAL_FUNC float threadgroup_sum(float v, THREADGROUP_PTR float* partial, uint l
     partial[simd_group] = v;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  float total = 0.0f;
-  for (int s = 0; s < TG / 32; s++) {
-    total += partial[s];
+  return simd_sum(lane < uint(TG / 32) ? partial[lane] : 0.0f);
+}
+
+// @provides Vec16 unpack16
+// The elements of a 16-byte piece of a row of T (bfloat16: 8, float32: 4) as float32, in order.
+// T must be bfloat16 or float32 (a 2-byte T is taken as bfloat16).
+struct Vec16 {
+  float v[8];
+};
+template <typename T>
+METAL_FUNC Vec16 unpack16(uint4 u) {
+  Vec16 f;
+  const uint w[4] = {u.x, u.y, u.z, u.w};
+  for (int i = 0; i < 4; i++) {
+    if (sizeof(T) == 2) {
+      f.v[2 * i] = as_type<float>(w[i] << 16);
+      f.v[2 * i + 1] = as_type<float>(w[i] & 0xffff0000u);
+    } else {
+      f.v[i] = as_type<float>(w[i]);
+    }
   }
-  return total;
+  return f;
 }
 
 // @provides round_to

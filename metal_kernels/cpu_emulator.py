@@ -42,6 +42,7 @@ _PRELUDE = r"""
 #include <vector>
 typedef unsigned int uint;
 struct uint3 { uint x, y, z; };
+struct alignas(16) uint4 { uint x, y, z, w; };
 struct bfloat16_t {
   uint16_t bits;
   bfloat16_t() = default;
@@ -81,9 +82,18 @@ template <class F> inline float simd_reduce(float v, F f) {  // every lane gets 
 }
 inline float simd_sum(float v) { return simd_reduce(v, [](float a, float b) { return a + b; }); }
 inline float simd_max(float v) { return simd_reduce(v, [](float a, float b) { return b > a ? b : a; }); }
+inline float simd_shuffle_xor(float v, unsigned short mask) {  // lane i gets lane (i ^ mask)'s v
+  uint sg = g_tid / 32;
+  g_group->slots[g_tid] = v;
+  g_group->simd[sg]->arrive_and_wait();
+  float r = g_group->slots[sg * 32 + ((g_tid % 32) ^ mask)];
+  g_group->simd[sg]->arrive_and_wait();
+  return r;
+}
 template <typename T, typename U> inline T as_type(U x) { static_assert(sizeof(T) == sizeof(U)); T y; std::memcpy(&y, &x, sizeof(T)); return y; }
 #define METAL_FUNC inline
 #define THREADGROUP_PTR
+#define UNROLL
 """
 
 _ADDRESS_SPACES = r"""

@@ -179,6 +179,9 @@ namespace precise { __device__ __forceinline__ float divide(float a, float b) { 
 namespace fast { __device__ __forceinline__ float divide(float a, float b) { return ::__fdividef(a, b); } }
 }  // namespace metal
 
+// @provides UNROLL
+#define UNROLL _Pragma("unroll")
+
 // @provides METAL_FUNC THREADGROUP_PTR
 // The helpers in common.h: device functions, and pointers to threadgroup
 // memory are plain pointers. _core.py pastes common.h right here, before the

@@ -12,9 +12,10 @@
 // threads past the end return at once. Consecutive threads take consecutive
 // i of a head: coalesced loads (two half-rows) and stores.
 // Inputs:  qkv [B, L, NH*D] (T), bias [NH*D] (BT, any float type),
-//          freqs [D/2] (float32), pos0 [1] (int32), mscale [1] (float32).
+//          freqs [D/2] (float32), pos0 [1] (int32).
 // Outputs: q [B, HQ, L, D], k [B, HKV, L, D], v [B, HKV, L, D] (T).
-// Template: T (activations), BT (bias), D (head dim), HQ, HKV (head counts).
+// Template: T (activations), BT (bias), D (head dim), HQ, HKV (head counts), MSCALE (mscale's float32
+//          bits).
 // ---- body ----
 constexpr uint HALF = D / 2;
 constexpr uint NH = HQ + 2 * HKV;
@@ -43,7 +44,7 @@ if (head >= HQ + HKV) {
   return;
 }
 
-const float ms = round_to<T>(mscale[0]);
+const float ms = round_to<T>(as_type<float>(uint(MSCALE)));
 const RotatedPair r = rope_pair(round_to<T>(a * ms), round_to<T>(b * ms), pos0[0] + int(l), freqs[i]);
 const T r1 = static_cast<T>(r.first);
 const T r2 = static_cast<T>(r.second);

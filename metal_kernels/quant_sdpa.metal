@@ -32,12 +32,13 @@
 // Scores, softmax and sums are float32; positions >= n are never read.
 // Inputs:  q [B, HKV*NREP, 1, D] (T); kw, vw [B, HKV, CAP, D*BITS/32] (uint32); ks, kb, vs, vb
 //          [B, HKV, CAP, D/GS] (T); n [1] (int32, valid packed positions); tk, tv [B, HKV, TCAP, D]
-//          (T, TCAP <= 128); nt [1] (int32, valid tail positions); scale [1] (float32).
+//          (T, TCAP <= 128); nt [1] (int32, valid tail positions).
 // Outputs: o [B, HKV*NREP, NC, D] (float32, the unnormalized sum over the chunk), m, l
 //          [B, HKV*NREP, NC] (float32); an empty chunk has m = -3e38, l = 0, o = 0.
 //          quant_sdpa_merge combines the chunks.
 // Template: T, D (32, 64 or 128), NREP (<= 8), BITS (2, 4 or 8), GS (group size, a multiple
-//          of 32 / BITS). CAP and HKV come from kw's shape, so a growing cache does not recompile.
+//          of 32 / BITS), SCALE (the
+//          attention scale's float32 bits). CAP and HKV come from kw's shape, so a growing cache does not recompile.
 // ---- body ----
 constexpr int CH = 128;       // cache positions per threadgroup = threads per threadgroup
 constexpr int PER = 32 / BITS;
@@ -62,7 +63,7 @@ const bool tail = c == NCQ;
 const int start = tail ? 0 : c * CH;
 const int left = (tail ? nt[0] : n[0]) - start;
 const int cnt = left < 0 ? 0 : (left < CH ? left : CH);
-const float sc = scale[0];
+const float sc = as_type<float>(uint(SCALE));
 
 threadgroup float qs[NREP * D];
 threadgroup float ps[NREP * CH];

@@ -82,3 +82,9 @@ def batch_sdpa(q: mx.array, keys: mx.array, values: mx.array, start: mx.array, n
     left_padding): `mx.fast.scaled_dot_product_attention` with the padding as a boolean mask."""
     mask = (mx.arange(n)[None] >= start.reshape(-1, 1))[:, None, None, :]
     return mx.fast.scaled_dot_product_attention(q, keys[..., :n, :], values[..., :n, :], scale=scale, mask=mask)
+
+
+def decode_sdpa(q: mx.array, keys: mx.array, values: mx.array, n: int, scale: float) -> mx.array:
+    """Decode attention of q [B, HQ, 1, D] over positions 0 .. n-1 of the cache buffers `keys`,
+    `values` [B, HKV, CAP, D]: `mx.fast.scaled_dot_product_attention` over their first n positions."""
+    return mx.fast.scaled_dot_product_attention(q, keys[..., :n, :], values[..., :n, :], scale=scale)

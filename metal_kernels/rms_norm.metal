@@ -6,9 +6,9 @@
 // loads), so x is read once. Sum of squares in float32: simd_sum within each
 // SIMD-group, one partial per SIMD-group in threadgroup memory, every thread
 // then adds the TG / 32 partials in the same order.
-// Inputs:  x [..., D] (T; rows = the product of the leading dims), w [D] (T), eps [1] (float32).
+// Inputs:  x [..., D] (T; rows = the product of the leading dims), w [D] (T).
 // Output:  y shaped like x (T).
-// Template: T (dtype), D (row length), TG (threads per row).
+// Template: T (dtype), D (row length), TG (threads per row), EPS (eps's float32 bits).
 // Rounding as mx.fast.rms_norm: y = T(T(x * n) * w), n = rsqrt(mean + eps) in float32.
 // ---- body ----
 constexpr int N = (D + TG - 1) / TG;
@@ -24,21 +24,23 @@ if (row >= rows) {
 const size_t base = size_t(row) * D;
 
 float v[N];
+float wv[N];  // the weights too, loaded before the reduction waits
 float ss = 0.0f;
 for (int j = 0; j < N; j++) {
   const uint c = tid + uint(j * TG);
   v[j] = c < uint(D) ? static_cast<float>(x[base + c]) : 0.0f;
+  wv[j] = c < uint(D) ? static_cast<float>(w[c]) : 0.0f;
   ss += v[j] * v[j];
 }
 
 threadgroup float partial[TG / 32];
 const float total = threadgroup_sum<TG>(ss, partial, thread_index_in_simdgroup, simdgroup_index_in_threadgroup);
-const float n = metal::precise::rsqrt(total / float(D) + eps[0]);
+const float n = metal::precise::rsqrt(total / float(D) + as_type<float>(uint(EPS)));
 
 for (int j = 0; j < N; j++) {
   const uint c = tid + uint(j * TG);
   if (c < uint(D)) {
     const T xn = static_cast<T>(v[j] * n);
-    y[base + c] = static_cast<T>(static_cast<float>(xn) * static_cast<float>(w[c]));
+    y[base + c] = static_cast<T>(static_cast<float>(xn) * wv[j]);
   }
 }

@@ -7,10 +7,9 @@
 // Layout: one thread per pair: grid = (B*H*L*D/2 rounded up to TG, 1, 1),
 // threadgroup = (TG, 1, 1); threads past the last pair return at once. The
 // threads of a row touch two contiguous half-rows (coalesced).
-// Inputs:  x [B, H, L, D] (T), freqs [D/2] (float32), pos0 [1] (int32),
-//          mscale [1] (float32).
+// Inputs:  x [B, H, L, D] (T), freqs [D/2] (float32), pos0 [1] (int32).
 // Output:  out [B, H, L, D] (T).
-// Template: T (dtype), D (head dim, even).
+// Template: T (dtype), D (head dim, even), MSCALE (mscale's float32 bits).
 // Math in float32; one rounding to T at the end (as mx.fast.rope).
 // ---- body ----
 constexpr uint HALF = D / 2;
@@ -24,7 +23,7 @@ const uint i = g % HALF;
 const uint row = g / HALF;  // (b, h, l) flattened
 const uint l = row % L;
 
-const float ms = round_to<T>(mscale[0]);
+const float ms = round_to<T>(as_type<float>(uint(MSCALE)));
 const size_t a_idx = size_t(row) * D + i;
 const float a = round_to<T>(static_cast<float>(x[a_idx]) * ms);
 const float b = round_to<T>(static_cast<float>(x[a_idx + HALF]) * ms);

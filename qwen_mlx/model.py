@@ -37,7 +37,12 @@ What shapes the code:
   second half + the final norm; `mx.compile`d once with the weights captured, so Python builds
   ~25 compiled calls and 24 cache updates and attentions a step instead of ~400 operations (at
   0.5B a step on a GPU is bound by such host work). The same operations in the same order:
-  logits match the uncompiled path (tests/test_model_generate.py). Replacing a weight or a
+  logits match the uncompiled path (tests/test_model_generate.py) wherever the same kernels run in
+  both. On CUDA the step's attention runs inside the segments too, as the `decode_sdpa` kernel
+  over the cache buffers (MLX's attention cannot: it takes views whose length changes each step),
+  and `metal_kernels.compiled_decode` switches on the kernels that pay there only (one row, no
+  host time per call); the step's position and length live in a 16-byte device array (a smaller
+  one would sit in MLX's host-side pool: docs/kernels.md). Replacing a weight or a
   module (by assignment, `update`, `load_weights`, ...), a new kernel table or mode
   (`metal_kernels.version()`) or default device is noticed at the next step and recompiles; an
   array edited in place (`w[...] = x`) is not: call `model.model.reset_compiled()`.
@@ -330,6 +335,7 @@ class Qwen2Model(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.compile_decode = args.compile_decode
         self._compiled = None  # (containers, keys, what they held, dispatch state, segments): decode_segments
+        self._step = None  # (offset, its device array of positions): _positions
 
     def __call__(self, inputs: mx.array, cache=None, mask: Optional[mx.array] = None) -> mx.array:
         if (inputs.shape[1] == 1 and mask is None and cache and self.compile_decode and _TAP.get() is None
@@ -344,23 +350,42 @@ class Qwen2Model(nn.Module):
 
     def decode(self, inputs: mx.array, cache: list) -> mx.array:
         """One position per row (tokens [B, 1]) on plain KVCaches: __call__'s operations, in the same
-        order, through the compiled segments; between them each layer's cache update and attention."""
-        segments = self.decode_segments()
-        pos = mx.array(cache[0].offset, mx.int32)
-        out = segments[0](inputs, pos)
-        for segment, c, layer in zip(segments[1:], cache, self.layers):
+        order, through the compiled segments; between them each layer's cache update (and, unless
+        the decode_sdpa kernel takes it inside the next segment, its attention)."""
+        plain, inside = self.decode_segments()
+        st = self._positions(cache[0].offset)
+        out = plain[0](inputs, st)
+        kernel = None
+        for i, (c, layer) in enumerate(zip(cache, self.layers)):
             h, q, k, v = out
             k, v = c.update_and_fetch(k, v)
-            out = segment(mx.fast.scaled_dot_product_attention(q, k, v, scale=layer.self_attn.scale), h, pos)
+            if kernel is None:  # the same answer for every layer of the step
+                kernel = K.runs_decode_sdpa() and K.decode_sdpa_fits(q, c.keys)
+            if kernel:
+                out = inside[i](q, c.keys, c.values, h, st)
+            else:
+                out = plain[i + 1](mx.fast.scaled_dot_product_attention(q, k, v, scale=layer.self_attn.scale), h, st)
         return out
 
-    def decode_segments(self) -> list:
-        """[embedding + layer 0's first half, (layer i-1's second half + layer i's first half) for
-        i = 1..N-1, layer N-1's second half + final norm], each `mx.compile`d with the weights it
-        reads captured as constants and the kernel dispatch's decisions fixed. Built on first use;
-        rebuilt when any array, module, list or dict below this model has been replaced since (one
-        identity check per step), or the kernel table or mode (`metal_kernels.version()`) or the
-        default device has changed."""
+    def _positions(self, offset: int) -> mx.array:
+        """int32 [offset, offset + 1, *, *] for a step at position `offset`: the position (RoPE) and
+        the cache length after the step (attention). Computed on the device from the previous
+        step's when steps follow each other, so it stays in device memory (16 bytes: MLX keeps
+        arrays of up to 8 bytes in managed host memory that a kernel reads across the bus)."""
+        prev = self._step
+        st = prev[1] + 1 if prev is not None and prev[0] == offset - 1 else mx.array([offset, offset + 1, 0, 0], mx.int32)
+        self._step = (offset, st)
+        return st
+
+    def decode_segments(self) -> tuple[list, list]:
+        """The compiled segments: [embedding + layer 0's first half, (layer i-1's second half +
+        layer i's first half) for i = 1..N-1, layer N-1's second half + final norm], each
+        `mx.compile`d with the weights it reads captured as constants and the kernel dispatch's
+        decisions fixed; and the same N segments after the first with layer i-1's attention
+        (`metal_kernels.decode_sdpa` over the cache buffers) at their start. Built on first use
+        (each traced at its first call); rebuilt when any array, module, list or dict below this
+        model has been replaced since (one identity check per step), or the kernel table or mode
+        (`metal_kernels.version()`) or the default device has changed."""
         c, state = self._compiled, (K.version(), mx.default_device())
         if c is None or c[3] != state or not all(map(operator.is_, map(operator.getitem, c[0], c[1]), c[2])):
             containers, keys = _bindings(self)
@@ -370,26 +395,38 @@ class Qwen2Model(nn.Module):
 
     def reset_compiled(self) -> None:
         """Drop the compiled segments (needed only after editing a weight array in place)."""
-        self._compiled = None
+        self._compiled, self._step = None, None
 
-    def _compile_segments(self) -> list:
+    def _compile_segments(self) -> tuple[list, list]:
         layers, norm = self.layers, self.norm
         # each layer's q/k/v bias shaped [1, 1, n] (a constant, evaluated now): added to one position's
         # [1, 1, n] projection without a broadcast node
         biases = [mx.contiguous(layer.self_attn.qkv_bias.reshape(1, 1, -1)) for layer in layers]
         mx.eval(biases)
 
-        def first(ids, pos):
-            return layers[0].first_half(self.embed_tokens(ids), None, pos, biases[0])
+        def traced(f):  # the body runs only while MLX traces it: the dispatch decides for compiled steps
+            def run(*args):
+                with K.compiled_decode():
+                    return f(*args)
+            return mx.compile(run)
+
+        # st[:1] (the position) and st[1:2] (the cache length) are views into st's device buffer; st[0]
+        # would be a gather into a new 4-byte array, which MLX keeps in host memory
+        def first(ids, st):
+            return layers[0].first_half(self.embed_tokens(ids), None, st[:1], biases[0])
 
         def between(prev, cur, bias):
-            return lambda o, h, pos: cur.first_half(*prev.second_half(o, h), pos, bias)
+            return lambda o, h, st: cur.first_half(*prev.second_half(o, h), st[:1], bias)
 
-        def last(o, h, pos):
+        def last(o, h, st):
             h, r = layers[-1].second_half(o, h)
             return K.add_rms_norm(r, h, norm.weight, norm.eps)[1]
 
-        return [mx.compile(f) for f in (first, *map(between, layers, layers[1:], biases[1:]), last)]
+        def attending(seg, layer):  # layer's attention over the cache buffers, then seg
+            return lambda q, keys, values, h, st: seg(K.decode_sdpa(q, keys, values, st[1:2], layer.self_attn.scale), h, st)
+
+        plain = [first, *map(between, layers, layers[1:], biases[1:]), last]
+        return [traced(f) for f in plain], [traced(attending(f, l)) for f, l in zip(plain[1:], layers)]
 
 
 @_children("model", "lm_head")

@@ -102,10 +102,11 @@ def test_metal_source(capfd, tmp_path):
     call = lambda q: KK.batch_sdpa(q, k, v, start, 20, scale, backend="metal", stream=mx.gpu, verbose=True)
     src = metal_source(capfd, tmp_path, call, q)
     assert "[[kernel]] void custom_kernel_qwen_batch_sdpa_" in src
-    assert "template <typename T, int D, int NREP, int HKV>" in src
+    assert "template <typename T, int D, int NREP, int HKV, int SCALE>" in src  # the scale's bits
     assert "[[kernel]] void custom_kernel_qwen_quant_sdpa_merge_" in src  # the second pass
-    for a in ("q", "k", "v", "start", "n", "scale"):
+    for a in ("q", "k", "v", "start", "n"):
         assert f"* {a} [[buffer(" in src, a
+    assert "* scale [[buffer(" not in src
 
 
 @pytest.mark.gpu

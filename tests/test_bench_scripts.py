@@ -1,6 +1,7 @@
 """The benchmark scripts: their Q4_K_M-like layout is the real file's; bench.py, bench_formats.py, bench_kv.py,
 bench_batch.py and the probes (probe_build.py, probe_batch_ops.py, probe_batch_step.py, probe_attention.py) run;
-profile_decode.py's timeline summary is right, and it refuses to run without a CUDA GPU.
+profile_decode.py's timeline summary is right, and it and probe_small_arrays.py refuse to run without a
+CUDA GPU.
 
 (Speed itself lives in the scripts, never in tests: this only checks that they measure the
 right thing and run.)
@@ -253,3 +254,18 @@ def test_profile_decode_needs_a_cuda_gpu_and_good_flags():
     r = subprocess.run([sys.executable, str(SCRIPTS / "profile_decode.py"), "--context", "12x"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--context '12x'" in r.stderr, r.stderr
+
+
+def test_probe_small_arrays_needs_a_cuda_gpu_and_good_flags():
+    """Without a GPU seen by MLX and torch: exit 2 with one line saying so; --calls 0: argparse's error."""
+    import mlx.core as mx
+
+    r = subprocess.run([sys.executable, str(SCRIPTS / "probe_small_arrays.py"), "--calls", "2", "--rounds", "1"],
+                       capture_output=True, text=True, timeout=300)
+    if mx.default_device() == mx.cpu:
+        assert r.returncode == 2 and "needs an NVIDIA GPU" in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0 and "template argument" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, str(SCRIPTS / "probe_small_arrays.py"), "--calls", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--calls and --rounds must be at least 1" in r.stderr, r.stderr

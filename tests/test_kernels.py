@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import secrets
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -219,20 +220,21 @@ def metal_source(capfd, tmp_path, fn, *args):
 
 METAL_CASES = {  # op -> (call with backend='metal', expected input/output names, attributes, template)
     "rms_norm": (lambda x, dt: KK.rms_norm(x.reshape(3, 896), mx.ones((896,), dt), 1e-6, **METAL),
-                 ["x", "w", "eps"], ["y"], ["threadgroup_position_in_grid", "thread_index_in_threadgroup",
+                 ["x", "w"], ["y"], ["threadgroup_position_in_grid", "thread_index_in_threadgroup",
                                          "thread_index_in_simdgroup", "simdgroup_index_in_threadgroup"],
-                 "template <typename T, int D, int TG>", "896, 224"),
+                 "template <typename T, int D, int TG, int EPS>", "896, 224, 897988541"),
     "add_rms_norm": (lambda x, dt: KK.add_rms_norm(x.reshape(3, 896), x.reshape(3, 896), mx.ones((896,), dt),
                                                    1e-6, **METAL),
-                     ["x", "r", "w", "eps"], ["h", "y"], ["threadgroup_position_in_grid", "thread_index_in_simdgroup"],
-                     "template <typename T, int D, int TG>", "896, 224"),
+                     ["x", "r", "w"], ["h", "y"], ["threadgroup_position_in_grid", "thread_index_in_simdgroup"],
+                     "template <typename T, int D, int TG, int EPS>", "896, 224, 897988541"),
     "rope": (lambda x, dt: KK.rope(x.reshape(1, 6, 7, 64), 255, 1e6, **METAL),
-             ["x", "freqs", "pos0", "mscale"], ["out"], ["thread_position_in_grid"],
-             "template <typename T, int D>", "64"),
+             ["x", "freqs", "pos0"], ["out"], ["thread_position_in_grid"],
+             "template <typename T, int D, int MSCALE>", "64, 1065353216"),
     "qkv_post": (lambda x, dt: KK.qkv_post(x.reshape(1, 2, 18 * 64)[:, :, :], mx.zeros((18 * 64,), mx.float16),
                                            14, 2, 255, 1e6, **METAL),
-                 ["qkv", "bias", "freqs", "pos0", "mscale"], ["q", "k", "v"], ["thread_position_in_grid"],
-                 "template <typename T, typename BT, int D, int HQ, int HKV>", "float16_t, 64, 14, 2"),
+                 ["qkv", "bias", "freqs", "pos0"], ["q", "k", "v"], ["thread_position_in_grid"],
+                 "template <typename T, typename BT, int D, int HQ, int HKV, int MSCALE>",
+                 "float16_t, 64, 14, 2, 1065353216"),
     "swiglu": (lambda x, dt: KK.swiglu(x.reshape(3, 2, 448), **METAL),
                ["gate_up"], ["out"], ["thread_position_in_grid"], "template <typename T, int I>", "224"),
 }
@@ -326,6 +328,7 @@ CUDA_STUBS = r"""
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
@@ -343,17 +346,19 @@ inline float __expf(float x) { return std::exp(x); }
 inline float __cosf(float x) { return std::cos(x); }
 inline float __sinf(float x) { return std::sin(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
+inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
 struct __nv_bfloat16 { __nv_bfloat16() = default; __nv_bfloat16(float) {} operator float() const { return 0; } };
 """
 
 CUDA_CASES = {  # op -> (inputs, outputs, template)
-    "rms_norm": (["x", "w", "eps"], ["y"], "using T = __nv_bfloat16; constexpr int D = 896; constexpr int TG = 224;"),
-    "add_rms_norm": (["x", "r", "w", "eps"], ["h", "y"],
-                     "using T = __nv_bfloat16; constexpr int D = 896; constexpr int TG = 224;"),
-    "rope": (["x", "freqs", "pos0", "mscale"], ["out"], "using T = __nv_bfloat16; constexpr int D = 64;"),
-    "qkv_post": (["qkv", "bias", "freqs", "pos0", "mscale"], ["q", "k", "v"],
+    "rms_norm": (["x", "w"], ["y"], "using T = __nv_bfloat16; constexpr int D = 896; constexpr int TG = 224; constexpr int EPS = 897988541;"),
+    "add_rms_norm": (["x", "r", "w"], ["h", "y"],
+                     "using T = __nv_bfloat16; constexpr int D = 896; constexpr int TG = 224; constexpr int EPS = 897988541;"),
+    "rope": (["x", "freqs", "pos0"], ["out"], "using T = __nv_bfloat16; constexpr int D = 64; constexpr int MSCALE = 1065353216;"),
+    "qkv_post": (["qkv", "bias", "freqs", "pos0"], ["q", "k", "v"],
                  "using T = __nv_bfloat16; using BT = float; constexpr int D = 64; constexpr int HQ = 14; "
-                 "constexpr int HKV = 2;"),
+                 "constexpr int HKV = 2; constexpr int MSCALE = 1065353216;"),
     "swiglu": (["gate_up"], ["out"], "using T = __nv_bfloat16; constexpr int I = 4864;"),
 }
 
@@ -456,7 +461,10 @@ def test_cpu_is_reference():
 def test_kernel_objects_built_once():
     a = _core.get_kernel("swiglu", ("gate_up",), ("out",), "metal")
     assert a is _core.get_kernel("swiglu", ("gate_up",), ("out",), "metal")
-    assert _core.f32_scalar(1e-6) is _core.f32_scalar(1e-6)
+    assert _core.f32_bits(1e-6) == 897988541  # 1e-6's float32 bits (0x358637BD)
+    assert struct.unpack("<f", struct.pack("<i", _core.f32_bits(0.0884)))[0] == np.float32(0.0884)
+    with pytest.raises(ValueError, match="non-negative"):
+        _core.f32_bits(-1.0)
     assert _core.base_freqs(1e6, 64) is _core.base_freqs(1e6, 64)
     assert _core.pos_array(5) is _core.pos_array(5)
 

@@ -13,6 +13,7 @@ import pytest
 
 import qwen_mlx
 import mlx.core as mx
+import metal_kernels as K
 import mlx.nn as nn
 from qwen_mlx.generation import generate_step, stream_generate
 from qwen_mlx.gguf import gguf_config, gguf_weights, open_gguf
@@ -140,17 +141,25 @@ def test_compiled_decode_matches_float64_numpy_and_follows_weight_changes(tiny_g
         step = np.array(model(mx.array(toks[None, i:i + 1]), cache=cache)[0, 0])
         np.testing.assert_allclose(step, ref[i], atol=1e-4, rtol=1e-4)
     segments = inner.decode_segments()
-    assert inner._compiled is not None and len(segments) == len(model.layers) + 1
+    assert inner._compiled is not None and len(segments[0]) == len(model.layers) + 1  # plain segments
+    assert len(segments[1]) == len(model.layers)  # and those with the attention at their start (CUDA)
 
     def step_both(cache):
-        """(compiled, uncompiled) logits of one more token on copies of `cache`."""
+        """(compiled, uncompiled) logits of one more token on copies of `cache`, with the plain-MLX
+        ops on both paths (on CUDA the compiled step runs its own kernels in auto mode:
+        tests/test_decode_sdpa.py checks those against float64)."""
         out = []
         for flag in (True, False):
             inner.compile_decode = flag
             c = [type(x)() for x in cache]
             for new, old in zip(c, cache):
                 new.state = old.state
-            out.append(np.array(model(mx.array([[7]]), cache=c)[0, 0]))
+            mode = K.mode()
+            K.set_backend("reference")
+            try:
+                out.append(np.array(model(mx.array([[7]]), cache=c)[0, 0]))
+            finally:
+                K.set_backend(mode)
         inner.compile_decode = True
         return out
 

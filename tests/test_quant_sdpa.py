@@ -64,9 +64,27 @@ def np_dequant(packed, scales, biases, bits, group_size):
     return q * f(scales) + f(biases), np.abs(q * f(scales)) + np.abs(f(biases))
 
 
-def attend(qs, k, v):
+def running_sums(prod, lanes=1, piece=1):
+    """The magnitudes of every partial sum formed while adding prod's last axis (D terms): one after
+    another (lanes = 1), or split over `lanes` lanes (a power of 2) that each add theirs one after
+    another and then meet pairwise; lane j takes the pieces of `piece` consecutive terms numbered
+    j, j + lanes, j + 2 lanes, ..."""
+    d = prod.shape[-1]
+    part = prod.reshape(*prod.shape[:-1], d // (lanes * piece), lanes, piece)
+    part = np.moveaxis(part, -2, -3).reshape(*prod.shape[:-1], lanes, d // lanes)  # [..., lane, its terms]
+    r = np.abs(np.cumsum(part, -1)).sum((-2, -1))
+    tot = part.sum(-1)
+    while tot.shape[-1] > 1:
+        tot = tot[..., 0::2] + tot[..., 1::2]
+        r = r + np.abs(tot).sum(-1)
+    return r
+
+
+def attend(qs, k, v, lanes=1, piece=1, chunk=128):
     """float64 attention of the scaled queries qs [B, HKV, NREP, 1, D] over k, v [B, HKV, N, D]: the
-    output [B, HKV*NREP, 1, D] and the sizes the tolerances need (the module docstring)."""
+    output [B, HKV*NREP, 1, D] and the sizes the tolerances need (the module docstring). `lanes`,
+    `piece`, `chunk`: how the kernel sums a score (`running_sums`) and how many positions it takes
+    per chunk (R and w follow)."""
     B, HKV, NREP, _, D = qs.shape
     s = np.einsum("bhrld,bhnd->bhrln", qs, k)
     p = np.exp(s - s.max(-1, keepdims=True))
@@ -76,11 +94,11 @@ def attend(qs, k, v):
     dev, mav = np.zeros_like(o), np.zeros_like(o)
     for j in range(0, k.shape[2], 1024):  # [b, h, r, l, n, d], 1024 positions at a time
         prod, pj = qs[..., None, :] * k[:, :, None, None, j:j + 1024, :], p[..., j:j + 1024]
-        a, r = max(a, np.abs(prod).sum(-1).max()), max(r, np.abs(np.cumsum(prod, -1)).sum(-1).max())
+        a, r = max(a, np.abs(prod).sum(-1).max()), max(r, running_sums(prod, lanes, piece).max())
         dev += np.einsum("bhrln,bhrlnd->bhrld", pj, np.abs(v[:, :, None, None, j:j + 1024] - o[..., None, :]))
         mav += np.einsum("bhrln,bhnd->bhrld", pj, np.abs(v[:, :, j:j + 1024]))
     out, dev, mav = (x.reshape(B, HKV * NREP, 1, D) for x in (o, dev, mav))
-    return out, dict(s=np.abs(s).max(), a=a, r=r, dev=dev, mav=mav, n=k.shape[2], d=D)
+    return out, dict(s=np.abs(s).max(), a=a, r=r, dev=dev, mav=mav, n=k.shape[2], d=D, chunk=chunk)
 
 
 def make_case(g, dtype, B, HKV, NREP, D, bits, gs, n, nt=0):
@@ -111,7 +129,7 @@ def tolerance(answer, dtype, sdpa=False):
     if sdpa:
         e, w = ud * z["s"] + (z["d"] + 1) * u * z["a"], 2 * ud + (z["n"] + 2) * u
     else:
-        e, w = u * (z["r"] + 4 * z["a"]), 2 * u * (128 + z["n"] // 128 + 27)
+        e, w = u * (z["r"] + 4 * z["a"]), 2 * u * (128 + z["n"] // z["chunk"] + 27)
     grow = np.expm1(2 * e)  # how far the weights move, relative
     return 2.0 ** -P[dtype] * np.abs(exact).max() + grow * z["dev"] + w * (1 + grow) * z["mav"]
 
@@ -210,9 +228,10 @@ def test_metal_source(capfd, tmp_path):
                                    stream=mx.gpu, verbose=True)
     src = metal_source(capfd, tmp_path, call, q)
     assert "[[kernel]] void custom_kernel_qwen_quant_sdpa_" in src
-    assert "template <typename T, int D, int NREP, int BITS, int GS>" in src
+    assert "template <typename T, int D, int NREP, int BITS, int GS, int SCALE>" in src  # the scale's bits
     assert "[[kernel]] void custom_kernel_qwen_quant_sdpa_merge_" in src  # the second pass
-    for a in ("q", "kw", "ks", "kb", "vw", "vs", "vb", "n", "tk", "tv", "nt", "scale"):
+    assert "* scale [[buffer(" not in src
+    for a in ("q", "kw", "ks", "kb", "vw", "vs", "vb", "n", "tk", "tv", "nt"):
         assert f"* {a} [[buffer(" in src, a
     assert "const constant int* kw_shape" in src or "kw_shape [[buffer(" in src
 

@@ -30,6 +30,7 @@ DELAY = 20e-3
 def fake_gpu(monkeypatch):
     """Dispatch believes a GPU back end is there; every "kernel" is its reference (no delay yet)."""
     monkeypatch.setattr(K, "backend", lambda: "cuda")
+    monkeypatch.setattr(K, "IN_COMPILED_DECODE", {})  # the table alone decides (as on a real GPU outside compiled steps)
     for op in K.USE:
         monkeypatch.setattr(KK, op, getattr(R, op))
     saved = dict(K.USE)
