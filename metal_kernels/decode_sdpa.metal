@@ -32,11 +32,10 @@ const int bh = gi / NC;
 const int lane = int(thread_index_in_simdgroup);
 const int sg = int(simdgroup_index_in_threadgroup);
 const int tid = int(thread_index_in_threadgroup);
-const int first = 0;  // the chunk's first valid row (kept general: batch_sdpa's layout)
 const int left = n[0] - c * CH;
 const int cnt = left < 0 ? 0 : (left < CH ? left : CH);
 const size_t mo = size_t(bh) * size_t(NREP) * size_t(NC) + size_t(c);
-if (first >= cnt) {
+if (cnt == 0) {
   for (int i = tid; i < NREP * D; i += TGT) {
     o[(mo + size_t(i / D) * size_t(NC)) * D + size_t(i % D)] = 0.0f;
   }
@@ -56,7 +55,7 @@ threadgroup float part[8 * NREP * D];
 // 1. scores: the key pieces first, then the queries into threadgroup memory
 const int row = tid / TPR;
 const int sub = tid % TPR;
-const int ri = row < first ? first : (row < cnt ? row : cnt - 1);
+const int ri = row < cnt ? row : cnt - 1;
 uint4 kq[PPT];
 UNROLL for (int u = 0; u < PPT; u++) {
   kq[u] = kc[size_t(ri) * P + size_t(sub + u * TPR)];
@@ -66,7 +65,7 @@ const device T* vc = v + rbase * D;
 float vv[RPW * NE];
 UNROLL for (int j = 0; j < RPW; j++) {
   const int i = sg + 8 * j;
-  const int rv = i < first ? first : (i < cnt ? i : cnt - 1);
+  const int rv = i < cnt ? i : cnt - 1;
   UNROLL for (int e = 0; e < NE; e++) {
     vv[j * NE + e] = static_cast<float>(vc[size_t(rv) * D + size_t(lane * NE + e)]);
   }
@@ -95,7 +94,7 @@ UNROLL for (int r = 0; r < NREP; r++) {
     t += simd_shuffle_xor(t, w);
   }
   if (sub == r % TPR) {
-    pt[row * 8 + r] = row >= first && row < cnt ? t : -3.0e38f;
+    pt[row * 8 + r] = row < cnt ? t : -3.0e38f;
   }
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -114,7 +113,7 @@ if (sg < NREP) {
   UNROLL for (int t = 0; t < (CH + 31) / 32; t++) {
     const int i = lane + 32 * t;
     if (i < CH) {
-      const float p = i >= first && i < cnt ? metal::exp(pt[i * 8 + sg] - mm) : 0.0f;
+      const float p = i < cnt ? metal::exp(pt[i * 8 + sg] - mm) : 0.0f;
       pt[i * 8 + sg] = p;
       sum += p;
     }

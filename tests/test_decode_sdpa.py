@@ -86,22 +86,19 @@ def test_dispatch_on_this_machine():
 
 
 @pytest.mark.gpu
-def test_gpu_kernel_matches_float64():
-    old, KK.POISON = KK.POISON, True  # an output element the kernel does not write stays NaN
-    try:
-        g = rng()
-        for dtype in (mx.bfloat16, mx.float32):
-            for B, HKV, NREP, D, cap, n in CASES + [(4, 4, 7, 128, 1100, 1000), (1, 4, 7, 128, 4352, 4100),
-                                                    (1, 4, 7, 128, 256, 129), (8, 4, 7, 64, 1024, 900),
-                                                    (1, 2, 7, 64, 9216, 9000)]:
-                k, v, q, scale = make_case(g, dtype, B, HKV, NREP, D, cap, n)
-                answers, ch = answers_for(q, k, v, n, scale, dtype)
-                # n as an int, and as the model passes it: a view into a 16-byte device array
-                for nn in (n, (mx.array([n - 1, n - 1, 0, 0], mx.int32) + 1)[1:2]):
-                    out = KK.decode_sdpa(q, k, v, nn, scale)
-                    check_rows(out, answers, dtype, f"GPU kernel {dtype} B={B} D={D} n={n} chunk {ch}")
-    finally:
-        KK.POISON = old
+def test_gpu_kernel_matches_float64(monkeypatch):
+    monkeypatch.setattr(KK, "POISON", True)  # an output element the kernel does not write stays NaN
+    g = rng()
+    for dtype in (mx.bfloat16, mx.float32):
+        for B, HKV, NREP, D, cap, n in CASES + [(4, 4, 7, 128, 1100, 1000), (1, 4, 7, 128, 4352, 4100),
+                                                (1, 4, 7, 128, 256, 129), (8, 4, 7, 64, 1024, 900),
+                                                (1, 2, 7, 64, 9216, 9000)]:
+            k, v, q, scale = make_case(g, dtype, B, HKV, NREP, D, cap, n)
+            answers, ch = answers_for(q, k, v, n, scale, dtype)
+            # n as an int, and as the model passes it: a view into a 16-byte device array
+            for nn in (n, (mx.array([n - 1, n - 1, 0, 0], mx.int32) + 1)[1:2]):
+                out = KK.decode_sdpa(q, k, v, nn, scale)
+                check_rows(out, answers, dtype, f"GPU kernel {dtype} B={B} D={D} n={n} chunk {ch}")
 
 
 @pytest.mark.gpu
