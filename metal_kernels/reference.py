@@ -84,7 +84,12 @@ def batch_sdpa(q: mx.array, keys: mx.array, values: mx.array, start: mx.array, n
     return mx.fast.scaled_dot_product_attention(q, keys[..., :n, :], values[..., :n, :], scale=scale, mask=mask)
 
 
-def decode_sdpa(q: mx.array, keys: mx.array, values: mx.array, n: int, scale: float) -> mx.array:
+def decode_sdpa(q: mx.array, keys: mx.array, values: mx.array, n, scale: float) -> mx.array:
     """Decode attention of q [B, HQ, 1, D] over positions 0 .. n-1 of the cache buffers `keys`,
-    `values` [B, HKV, CAP, D]: `mx.fast.scaled_dot_product_attention` over their first n positions."""
+    `values` [B, HKV, CAP, D]: `mx.fast.scaled_dot_product_attention` over their first n positions;
+    for n an int32 array of one element (the compiled decode step's), over all CAP with the others
+    masked (they must be finite, as mlx-lm's zero-filled buffers are)."""
+    if isinstance(n, mx.array):
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale,
+                                                    mask=mx.arange(keys.shape[2]) < n.reshape(1))
     return mx.fast.scaled_dot_product_attention(q, keys[..., :n, :], values[..., :n, :], scale=scale)

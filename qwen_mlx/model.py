@@ -32,17 +32,20 @@ What shapes the code:
   To fuse each residual add with the norm after it, a block carries the
   residual stream as a pair (h, r) whose sum is the stream.
 - One position per row (a decode step) on a plain `KVCache` with no taps and no mask goes
-  through compiled segments (`Qwen2Model.decode_segments`): embedding + layer 0's first half,
-  then for each layer its second half + the next layer's first half, then the last layer's
-  second half + the final norm; `mx.compile`d once with the weights captured, so Python builds
-  ~25 compiled calls and 24 cache updates and attentions a step instead of ~400 operations (at
-  0.5B a step on a GPU is bound by such host work). The same operations in the same order:
-  logits match the uncompiled path (tests/test_model_generate.py) wherever the same kernels run in
-  both. On CUDA the step's attention runs inside the segments too, as the `decode_sdpa` kernel
-  over the cache buffers (MLX's attention cannot: it takes views whose length changes each step),
-  and `metal_kernels.compiled_decode` switches on the kernels that pay there only (one row, no
-  host time per call); the step's position and length live in a 16-byte device array (a smaller
-  one would sit in MLX's host-side pool: docs/kernels.md). Replacing a weight or a
+  through compiled code (`Qwen2Model.decode`, `decode_segments`), `mx.compile`d once with the
+  weights captured, so Python builds a few calls a step instead of ~400 operations (at 0.5B a
+  step on a GPU is bound by such host work). On CUDA the whole step is one compiled call of
+  (tokens, positions, every layer's key and value buffers): each layer writes its key and value
+  into the buffers (one scatter each, in place: MLX donates a buffer the graph alone holds) and
+  attends over them with the `decode_sdpa` kernel (MLX's attention cannot: it takes views whose
+  length changes each step); `metal_kernels.compiled_decode` switches on the kernels that pay
+  there only (one row, no host time per call). Elsewhere, segments cut at each attention:
+  embedding + layer 0's first half, then for each layer its second half + the next layer's first
+  half, then the last layer's second half + the final norm, with the cache update and MLX's
+  attention between them. The same operations in the same order: logits match the uncompiled
+  path (tests/test_model_generate.py, tests/test_decode_sdpa.py) wherever the same kernels run in
+  both. The step's position and length live in a 16-byte device array (a smaller one would sit in
+  MLX's host-side pool: docs/kernels.md). Replacing a weight or a
   module (by assignment, `update`, `load_weights`, ...), a new kernel table or mode
   (`metal_kernels.version()`) or default device is noticed at the next step and recompiles; an
   array edited in place (`w[...] = x`) is not: call `model.model.reset_compiled()`.
@@ -181,7 +184,7 @@ class ModelArgs:
     # Scale outlier key channels down and the matching query channels up by powers of two at load
     # (`smooth_keys`): scores unchanged bit for bit, quantized KV caches far more accurate.
     smooth_keys: bool = True
-    # One-position steps through compiled segments (`Qwen2Model.decode_segments`); env QWEN_MLX_COMPILE_DECODE=0: off.
+    # One-position steps through compiled code (`Qwen2Model.decode`); env QWEN_MLX_COMPILE_DECODE=0: off.
     compile_decode: bool = field(default_factory=lambda: os.environ.get("QWEN_MLX_COMPILE_DECODE", "1") != "0")
 
     def __post_init__(self):
@@ -334,7 +337,7 @@ class Qwen2Model(nn.Module):
         self.layers = [TransformerBlock(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.compile_decode = args.compile_decode
-        self._compiled = None  # (containers, keys, what they held, dispatch state, segments): decode_segments
+        self._compiled = None  # (containers, keys, what they held, dispatch state, compiled code): decode_segments
         self._step = None  # (offset, its device array of positions): _positions
 
     def __call__(self, inputs: mx.array, cache=None, mask: Optional[mx.array] = None) -> mx.array:
@@ -350,21 +353,24 @@ class Qwen2Model(nn.Module):
 
     def decode(self, inputs: mx.array, cache: list) -> mx.array:
         """One position per row (tokens [B, 1]) on plain KVCaches: __call__'s operations, in the same
-        order, through the compiled segments; between them each layer's cache update (and, unless
-        the decode_sdpa kernel takes it inside the next segment, its attention)."""
-        plain, inside = self.decode_segments()
-        st = self._positions(cache[0].offset)
+        order. Where the decode_sdpa kernel takes the attention (CUDA), the whole step is one compiled
+        call that also writes each layer's key and value into the cache buffers; elsewhere, compiled
+        segments with each layer's cache update and attention between them."""
+        plain, whole = self.decode_segments()
+        offset = cache[0].offset
+        st = self._positions(offset)
+        if _kernel_attention(cache[0].keys, self.layers[0].self_attn):
+            for c in cache:
+                _make_room(c)
+            out, keys, values = whole(inputs, st, [c.keys for c in cache], [c.values for c in cache])
+            for c, k, v in zip(cache, keys, values):  # the old buffers are the graph's only: written in place
+                c.keys, c.values, c.offset = k, v, offset + 1
+            return out
         out = plain[0](inputs, st)
-        kernel = None
         for i, (c, layer) in enumerate(zip(cache, self.layers)):
             h, q, k, v = out
             k, v = c.update_and_fetch(k, v)
-            if kernel is None:  # the same answer for every layer of the step
-                kernel = K.runs_decode_sdpa() and K.decode_sdpa_fits(q, c.keys)
-            if kernel:
-                out = inside[i](q, c.keys, c.values, h, st)
-            else:
-                out = plain[i + 1](mx.fast.scaled_dot_product_attention(q, k, v, scale=layer.self_attn.scale), h, st)
+            out = plain[i + 1](mx.fast.scaled_dot_product_attention(q, k, v, scale=layer.self_attn.scale), h, st)
         return out
 
     def _positions(self, offset: int) -> mx.array:
@@ -377,12 +383,13 @@ class Qwen2Model(nn.Module):
         self._step = (offset, st)
         return st
 
-    def decode_segments(self) -> tuple[list, list]:
+    def decode_segments(self) -> tuple[list, Any]:
         """The compiled segments: [embedding + layer 0's first half, (layer i-1's second half +
         layer i's first half) for i = 1..N-1, layer N-1's second half + final norm], each
         `mx.compile`d with the weights it reads captured as constants and the kernel dispatch's
-        decisions fixed; and the same N segments after the first with layer i-1's attention
-        (`metal_kernels.decode_sdpa` over the cache buffers) at their start. Built on first use
+        decisions fixed; and the whole step as one compiled function of (tokens, positions, every
+        layer's key and value buffers) -> (final hidden state, the buffers with this position
+        written), its attention `metal_kernels.decode_sdpa` over the buffers. Built on first use
         (each traced at its first call); rebuilt when any array, module, list or dict below this
         model has been replaced since (one identity check per step), or the kernel table or mode
         (`metal_kernels.version()`) or the default device has changed."""
@@ -397,7 +404,7 @@ class Qwen2Model(nn.Module):
         """Drop the compiled segments (needed only after editing a weight array in place)."""
         self._compiled, self._step = None, None
 
-    def _compile_segments(self) -> tuple[list, list]:
+    def _compile_segments(self) -> tuple[list, Any]:
         layers, norm = self.layers, self.norm
         # each layer's q/k/v bias shaped [1, 1, n] (a constant, evaluated now): added to one position's
         # [1, 1, n] projection without a broadcast node
@@ -422,11 +429,41 @@ class Qwen2Model(nn.Module):
             h, r = layers[-1].second_half(o, h)
             return K.add_rms_norm(r, h, norm.weight, norm.eps)[1]
 
-        def attending(seg, layer):  # layer's attention over the cache buffers, then seg
-            return lambda q, keys, values, h, st: seg(K.decode_sdpa(q, keys, values, st[1:2], layer.self_attn.scale), h, st)
+        def whole(ids, st, keys, values):
+            h, r, keys, values, at = self.embed_tokens(ids), None, list(keys), list(values), None
+            for i, layer in enumerate(layers):
+                h, q, k, v = layer.first_half(h, r, st[:1], biases[i])
+                if at is None or at.shape != k.shape:  # the position, broadcast to k's shape (one node per step)
+                    at = mx.broadcast_to(st[:1].reshape(1, 1, 1, 1), k.shape)
+                # k, v written at the position (one scatter each, in place: the graph holds the only
+                # reference to the old buffers, and MLX donates them)
+                keys[i], values[i] = (mx.put_along_axis(keys[i], at, k, axis=2),
+                                      mx.put_along_axis(values[i], at, v, axis=2))
+                h, r = layer.second_half(K.decode_sdpa(q, keys[i], values[i], st[1:2], layer.self_attn.scale), h)
+            return K.add_rms_norm(r, h, norm.weight, norm.eps)[1], keys, values
 
         plain = [first, *map(between, layers, layers[1:], biases[1:]), last]
-        return [traced(f) for f in plain], [traced(attending(f, l)) for f, l in zip(plain[1:], layers)]
+        return [traced(f) for f in plain], traced(whole)
+
+
+def _make_room(c: KVCache) -> None:
+    """Room in c's buffers for one more position. mlx-lm's KVCache grows them (by 256 positions) in
+    update_and_fetch: given zeros for that position, which the step then overwrites."""
+    if c.offset >= c.keys.shape[2]:
+        (B, H, _, D), Dv = c.keys.shape, c.values.shape[3]
+        c.update_and_fetch(mx.zeros((B, H, 1, D), c.keys.dtype), mx.zeros((B, H, 1, Dv), c.values.dtype))
+        c.offset -= 1
+
+
+@functools.lru_cache(maxsize=None)
+def _fits(dtype: mx.Dtype, n_heads: int, n_kv_heads: int, head_dim: int) -> bool:
+    return K.decode_sdpa_fits(mx.zeros((1, n_heads, 1, head_dim), dtype), mx.zeros((1, n_kv_heads, 1, head_dim), dtype))
+
+
+def _kernel_attention(keys: Optional[mx.array], attn: "Attention") -> bool:
+    """Whether a decode step over these cache buffers has its attention in the decode_sdpa kernel."""
+    return (keys is not None and K.runs_decode_sdpa()
+            and _fits(keys.dtype, attn.n_heads, attn.n_kv_heads, keys.shape[3]))
 
 
 @_children("model", "lm_head")

@@ -130,6 +130,34 @@ def test_gpu_compiled_decode_through_the_kernel(tiny_gguf):
     assert len(calls) == 2 * len(model.layers), len(calls)
 
 
+def test_whole_step_writes_the_cache_and_matches_float64(tiny_gguf, monkeypatch):
+    """The one-call decode step (on CUDA, where decode_sdpa takes the attention), run here with the
+    attention's plain-MLX reference over the whole buffers (masked past n): logits match the
+    float64 numpy forward (the forward test's tolerance) across the cache's growth past 256
+    positions, and the cache holds what the segmented path writes there (same ops, float32)."""
+    import qwen_mlx
+    import qwen_mlx.model as M
+    from test_model_generate import numpy_qwen2
+
+    path = tiny_gguf(qtype="Q4_K", tied=True, seed=13)
+    model, _ = qwen_mlx.load(path, dtype="float32")
+    toks = np.random.default_rng().integers(0, 283, 270)
+    ref = numpy_qwen2(path, toks)
+    caches = {}
+    for whole in (True, False):
+        monkeypatch.setattr(M, "_kernel_attention", (lambda keys, attn: keys is not None) if whole else
+                            (lambda keys, attn: False))
+        cache = caches[whole] = model.make_cache()
+        model(mx.array(toks[None, :250]), cache=cache)
+        for i in range(250, 270):
+            step = np.array(model(mx.array(toks[None, i:i + 1]), cache=cache)[0, 0])
+            np.testing.assert_allclose(step, ref[i], atol=1e-4, rtol=1e-4)
+    for a, b in zip(caches[True], caches[False]):
+        assert a.offset == b.offset == 270 and a.keys.shape == b.keys.shape == (1, a.keys.shape[1], 512, a.keys.shape[3])
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            np.testing.assert_allclose(np.array(x[..., :270, :]), np.array(y[..., :270, :]), atol=1e-5, rtol=1e-5)
+
+
 def test_step_positions_follow_the_cache():
     """Qwen2Model._positions: [offset, offset + 1] for each step, made on the device from the previous
     step's when steps follow each other, and from the host when they do not (a new cache)."""
