@@ -164,8 +164,9 @@ def backend() -> str:
 # Inside a compiled decode step (qwen_mlx.model's decode segments) a kernel call costs no host time
 # per step (MLX replays the traced graph), only GPU time; there, in mode 'auto', these ops run
 # their kernels whatever USE says: on an H200 each took less GPU time inside 7B decode steps than
-# the built-in ops it replaces (docs/kernels.md, "Small arrays"). USE decides everywhere else.
-IN_COMPILED_DECODE = {"cuda": ("add_rms_norm", "qkv_post"), "metal": ()}
+# the built-in ops it replaces (docs/kernels.md, "Small arrays" and the table after "USE"). USE
+# decides everywhere else.
+IN_COMPILED_DECODE = {"cuda": ("rms_norm", "add_rms_norm", "qkv_post", "swiglu"), "metal": ()}
 _in_decode = False
 
 

@@ -44,7 +44,8 @@ What shapes the code:
   half, then the last layer's second half + the final norm, with the cache update and MLX's
   attention between them. The same operations in the same order: logits match the uncompiled
   path (tests/test_model_generate.py, tests/test_decode_sdpa.py) wherever the same kernels run in
-  both. The step's position and length live in a 16-byte device array (a smaller one would sit in
+  both. In both forms unquantized projections multiply by transposes of their weights made once
+  per compilation (`Linear`): no transpose node replayed per projection. The step's position and length live in a 16-byte device array (a smaller one would sit in
   MLX's host-side pool: docs/kernels.md). Replacing a weight or a
   module (by assignment, `update`, `load_weights`, ...), a new kernel table or mode
   (`metal_kernels.version()`) or default device is noticed at the next step and recompiles; an
@@ -101,6 +102,23 @@ def _scoped_taps(forward):
             _TAP.reset(token)
 
     return call
+
+
+# While a compiled decode step is traced: id(Linear) -> its weight transposed (a view made once per
+# compilation, evaluated), so the traced matmul reads it directly; None otherwise. See `Linear`.
+_TRANSPOSED = contextvars.ContextVar("qwen_mlx_transposed", default=None)
+
+
+class Linear(nn.Linear):
+    """mlx.nn.Linear (no bias) whose matmul, while a compiled decode step is traced, takes the
+    weight's transpose made once per compilation (`_TRANSPOSED`) instead of `weight.T`: the
+    compiled code then replays no transpose node per projection and step (4 a layer; each node
+    costs host time, and a 7B step on a GPU can be bound by host time). Same kernel, same bits."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        t = _TRANSPOSED.get()
+        wt = None if t is None else t.get(id(self))
+        return super().__call__(x) if wt is None else x @ wt
 
 
 class _Child:
@@ -220,9 +238,9 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, d = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.scale = d**-0.5
         self._dims = (args.hidden_size, self.n_heads * d, self.n_kv_heads * d)
-        self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * d, bias=False)
+        self.qkv_proj = Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * d, bias=False)
         self.qkv_bias = mx.zeros(((self.n_heads + 2 * self.n_kv_heads) * d,))
-        self.o_proj = nn.Linear(self.n_heads * d, args.hidden_size, bias=False)
+        self.o_proj = Linear(self.n_heads * d, args.hidden_size, bias=False)
         rope = initialize_rope(d, args.rope_theta, False, args.rope_scaling, args.max_position_embeddings)
         # What K.qkv_post needs to reproduce `rope`: the base, or YaRN's frequencies and input scale.
         # `_freqs` is mlx-lm's private name (version bounded in pyproject.toml, checked by
@@ -247,7 +265,7 @@ class Attention(nn.Module):
         """Three projections q_proj/k_proj/v_proj instead of qkv_proj (see ModelArgs.fuse_qkv)."""
         hidden, nq, nkv = self._dims
         del self["qkv_proj"]
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(hidden, n, bias=False) for n in (nq, nkv, nkv))
+        self.q_proj, self.k_proj, self.v_proj = (Linear(hidden, n, bias=False) for n in (nq, nkv, nkv))
 
     def qkv(self, x: mx.array, offset, bias: Optional[mx.array] = None) -> tuple[mx.array, mx.array, mx.array]:
         """x [B, L, hidden] -> q [B, heads, L, D], k, v [B, kv heads, L, D]: projections, bias, RoPE at
@@ -284,8 +302,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_up_proj = Linear(dim, 2 * hidden_dim, bias=False)
+        self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(K.swiglu(self.gate_up_proj(x)))
@@ -409,12 +427,19 @@ class Qwen2Model(nn.Module):
         # each layer's q/k/v bias shaped [1, 1, n] (a constant, evaluated now): added to one position's
         # [1, 1, n] projection without a broadcast node
         biases = [mx.contiguous(layer.self_attn.qkv_bias.reshape(1, 1, -1)) for layer in layers]
-        mx.eval(biases)
+        # every unquantized projection's weight transposed (views, evaluated now): see Linear
+        transposed = {id(m): m["weight"].T for _, m in self.named_modules()
+                      if type(m) is Linear and "bias" not in m}
+        mx.eval(biases, list(transposed.values()))
 
         def traced(f):  # the body runs only while MLX traces it: the dispatch decides for compiled steps
             def run(*args):
-                with K.compiled_decode():
-                    return f(*args)
+                token = _TRANSPOSED.set(transposed)
+                try:
+                    with K.compiled_decode():
+                        return f(*args)
+                finally:
+                    _TRANSPOSED.reset(token)
             return mx.compile(run)
 
         # st[:1] (the position) and st[1:2] (the cache length) are views into st's device buffer; st[0]

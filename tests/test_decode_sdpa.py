@@ -169,3 +169,44 @@ def test_step_positions_follow_the_cache():
     for offset in (5, 6, 7, 3, 4, 100):
         st = inner._positions(offset)
         assert st.dtype == mx.int32 and st.shape == (4,) and st.tolist()[:2] == [offset, offset + 1]
+
+
+
+def test_whole_step_replays_no_weight_transpose(monkeypatch, tmp_path):
+    """In the one-call step, each unquantized projection multiplies by its weight's transpose made
+    once per compilation (model.Linear), not by a transpose node per step: with compilation off (so
+    the step's graph can be inspected) the graph has 4 fewer transpose nodes per layer (q/k/v, o,
+    gate/up, down) than with plain mlx.nn.Linear calls, and the logits are the same bits."""
+    import re
+
+    import mlx.nn as nn
+    from mlx.utils import tree_map
+
+    import qwen_mlx.model as M
+
+    monkeypatch.setattr(M, "_kernel_attention", lambda keys, attn: keys is not None)
+    g = rng()
+    layers = int(g.integers(2, 5))
+    model = M.Model(M.ModelArgs(hidden_size=64, num_hidden_layers=layers, intermediate_size=128,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50))
+    model.update(tree_map(lambda p: mx.array(0.2 * g.standard_normal(p.shape), p.dtype), model.parameters()))
+    prompt, nxt = mx.array(g.integers(0, 50, (1, 5))), mx.array(g.integers(0, 50, (1, 1)))
+    dot = tmp_path / "step.dot"
+
+    def step():
+        cache = model.make_cache()
+        model(prompt, cache=cache)
+        model.model.reset_compiled()
+        mx.disable_compile()
+        try:
+            out = model(nxt, cache=cache)
+        finally:
+            mx.enable_compile()
+        mx.export_to_dot(str(dot), out)
+        return np.array(out), len(re.findall(r'label ="Transpose"', dot.read_text()))
+
+    ours, ours_nodes = step()
+    monkeypatch.setattr(M.Linear, "__call__", nn.Linear.__call__)
+    plain, plain_nodes = step()
+    assert plain_nodes - ours_nodes == 4 * layers
+    np.testing.assert_array_equal(ours, plain)
