@@ -45,11 +45,12 @@ What shapes the code:
   attention between them. The same operations in the same order: logits match the uncompiled
   path (tests/test_model_generate.py, tests/test_decode_sdpa.py) wherever the same kernels run in
   both. In both forms unquantized projections multiply by transposes of their weights made once
-  per compilation (`Linear`): no transpose node replayed per projection. The step's position and length live in a 16-byte device array (a smaller one would sit in
-  MLX's host-side pool: docs/kernels.md). Replacing a weight or a
-  module (by assignment, `update`, `load_weights`, ...), a new kernel table or mode
-  (`metal_kernels.version()`) or default device is noticed at the next step and recompiles; an
-  array edited in place (`w[...] = x`) is not: call `model.model.reset_compiled()`.
+  per compilation (`Linear`): no transpose node replayed per projection. The step's position and
+  length live in a 16-byte device array (a smaller one would sit in MLX's host-side pool:
+  docs/kernels.md). Replacing a weight or a module (by assignment, `update`, `load_weights`,
+  ...), a new kernel table or mode (`metal_kernels.version()`) or default device is noticed at the
+  next step and recompiles; an array edited in place (`w[...] = x`) is not: call
+  `model.model.reset_compiled()`.
   `ModelArgs.compile_decode` (default: QWEN_MLX_COMPILE_DECODE, on) switches it off.
 - `tap(name, x)` marks the named stages a researcher can capture or replace
   (`qwen_mlx.research`). Each `Model` has its own `tap_hook` (None: x passes untouched);

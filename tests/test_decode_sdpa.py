@@ -171,7 +171,6 @@ def test_step_positions_follow_the_cache():
         assert st.dtype == mx.int32 and st.shape == (4,) and st.tolist()[:2] == [offset, offset + 1]
 
 
-
 def test_whole_step_replays_no_weight_transpose(monkeypatch, tmp_path):
     """In the one-call step, each unquantized projection multiplies by its weight's transpose made
     once per compilation (model.Linear), not by a transpose node per step: with compilation off (so
